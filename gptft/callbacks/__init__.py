@@ -1,0 +1,7 @@
+"""Lightning callbacks that measure. A callback with a `metrics()` method has its numbers gathered into
+the run's metrics.json by RunRecord."""
+
+from gptft.callbacks.probes import Probes
+from gptft.callbacks.record import RunRecord
+
+__all__ = ["Probes", "RunRecord"]

@@ -1,0 +1,118 @@
+"""metrics.json: the settings, the before/after numbers, the timings and the status of one run."""
+
+from __future__ import annotations
+
+import logging
+import platform
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gptft.utils.io import atomic_write_json
+
+log = logging.getLogger(__name__)
+
+
+class RunRecord(L.Callback):
+    """Keeps metrics.json current: "running" at fit start, then "completed", "interrupted" or "failed".
+
+    Train losses are kept as detached tensors and read once at the end, so recording adds no device sync
+    to the training step.
+    """
+
+    def __init__(self, path: str | Path, config: dict[str, Any] | None = None):
+        self.path = Path(path)
+        self.data: dict[str, Any] = {"status": "created", "config": config or {}}
+        self._losses: list[torch.Tensor] = []
+        self._tokens = 0
+        self._t_fit = self._t_first = self._t_last = 0.0
+        self._t_val_start = 0.0
+        self._val_time = 0.0
+
+    def write(self) -> None:
+        atomic_write_json(self.path, self.data)
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_fit = time.perf_counter()
+        params = list(pl_module.parameters())
+        self.data.update(
+            status="running",
+            params={
+                "total": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in params if p.requires_grad),
+            },
+            device=str(trainer.strategy.root_device),
+            precision=str(trainer.precision),
+            versions={
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "lightning": L.__version__,
+                "transformers": __import__("transformers").__version__,
+            },
+        )
+        if trainer.is_global_zero:
+            self.write()
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._t_first:
+            self._t_first = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._losses.append(loss.detach())
+        self._tokens += batch[0].numel()
+        self._t_last = time.perf_counter()
+
+    # Periodic validation runs inside the training span; its time is not training time.
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._t_val_start = time.perf_counter()
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._t_first:
+            self._val_time += time.perf_counter() - self._t_val_start
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._losses:
+            losses = torch.stack(self._losses).float().cpu()
+            self.data["train"] = {
+                "loss_first": losses[0].item(),
+                "loss_last": losses[-1].item(),
+                "loss_last10_mean": losses[-10:].mean().item(),
+            }
+        train_s = max(self._t_last - self._t_first - self._val_time, 1e-9)
+        self.data["steps"] = trainer.global_step
+        self.data["tokens_trained"] = self._tokens
+        self.data["time"] = {
+            "train_s": round(train_s, 3),
+            "val_s": round(self._val_time, 3),
+            "step_s": round(train_s / max(1, len(self._losses)), 4),
+            "tokens_per_s": round(self._tokens / train_s, 1),
+        }
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.data.setdefault("time", {})["fit_s"] = round(time.perf_counter() - self._t_fit, 3)
+        self.data["status"] = "completed"
+        self._finish(trainer)
+
+    def on_exception(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
+    ) -> None:
+        interrupted = isinstance(exception, KeyboardInterrupt)
+        self.data["status"] = "interrupted" if interrupted else "failed"
+        self.data["error"] = f"{type(exception).__name__}: {exception}"
+        self._finish(trainer)
+
+    def _finish(self, trainer: L.Trainer) -> None:
+        for callback in trainer.callbacks:
+            if callback is not self and hasattr(callback, "metrics"):
+                self.data.update(callback.metrics())
+        if trainer.is_global_zero:
+            self.write()
+            log.info("metrics: %s", self.path)

@@ -1,0 +1,93 @@
+"""`python -m gptft.run experiment=NAME [overrides]`: compose, instantiate, fit, export.
+
+Everything a run needs is chosen by Hydra from conf/; this file only wires the pieces together and
+turns a ConfigError into one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from gptft.errors import ConfigError
+
+log = logging.getLogger("gptft")
+
+
+def _slug(text: str, limit: int = 60) -> str:
+    """A folder-safe short form of a sweep job's overrides (paths contain '/')."""
+    return re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", text)[:limit].strip("_") or "job"
+
+
+OmegaConf.register_new_resolver("gptft_slug", _slug, replace=True)
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one experiment; return its metrics (what metrics.json holds)."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from gptft.callbacks import RunRecord
+    from gptft.config import check_context, validate
+    from gptft.models import build_model, context_length, export_hf_model, model_config
+    from gptft.utils.logs import quiet_lightning
+    from gptft.utils.rich_tree import print_config_tree
+
+    quiet_lightning()
+    out = Path(cfg.paths.output_dir)
+    if (out / "metrics.json").exists() and not cfg.ckpt_path:
+        raise ConfigError(f"hydra.run.dir={out} already holds a run: choose a new folder (or leave it unset)")
+    validate(cfg)
+    print_config_tree(cfg)
+    check_context(
+        cfg.data.seq_len,
+        context_length(model_config(cfg.model.name_or_path, cfg.model.arch)),
+        cfg.model.name_or_path or "model.arch",
+    )
+
+    L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data)
+    datamodule.setup("fit")  # corpus and split problems surface now, before weights load
+    model = build_model(**cfg.model)
+    task = instantiate(
+        cfg.task,
+        model=model,
+        optim=OmegaConf.to_container(cfg.optim),
+        schedule=OmegaConf.to_container(cfg.schedule),
+    )
+
+    record = RunRecord(out / "metrics.json", OmegaConf.to_container(cfg, resolve=True))
+    record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed)
+    callbacks = [
+        record,
+        instantiate(cfg.eval),
+        *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),
+    ]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+
+    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    if trainer.is_global_zero:
+        export_hf_model(task.model, out / "hf_model")
+        log.info("outputs: %s  (tensorboard --logdir %s)", out, out.parent)
+    return record.data
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    try:
+        metrics = train(cfg)
+    except ConfigError as e:
+        print(f"gptft: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    return metrics.get("after", {}).get("val_loss")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,113 @@
+"""The causal-LM task: next-token cross-entropy on (x, y) windows, AdamW, optional warmup and schedule.
+
+Subclasses change what is learned by overriding `compute_loss`; logging, validation and the optimizer
+stay here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from gptft.errors import ConfigError
+
+IGNORE_INDEX = -100  # labels with this value (padding, masked prompts) never count in the loss
+
+
+def lr_lambda(
+    schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0
+) -> Callable[[int], float]:
+    """Multiplier of the base lr at each step: linear warmup, then constant or cosine decay to min_lr_ratio."""
+    if schedule not in ("constant", "cosine"):
+        raise ConfigError(f"schedule.name={schedule} is unknown: use constant or cosine")
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+class CausalLM(L.LightningModule):
+    """Train a Hugging Face causal LM on next-token prediction."""
+
+    def __init__(self, model: PreTrainedModel, optim: Mapping[str, Any], schedule: Mapping[str, Any]):
+        super().__init__()
+        self.model = model
+        self.save_hyperparameters({"optim": dict(optim), "schedule": dict(schedule)})
+        self._val_sum = torch.zeros(())
+        self._val_count = 0
+
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, use_cache=False).logits
+
+    def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Mean next-token cross-entropy over the labels that are not IGNORE_INDEX."""
+        x, y = batch
+        logits = self.logits(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self.compute_loss(batch)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch[0].size(0))
+        return loss
+
+    # Validation is reduced by hand (a batch-size weighted mean) so that probes outside Lightning's
+    # loop (`evaluate`) and the loop itself share one computation.
+    def on_validation_epoch_start(self) -> None:
+        self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        n = batch[0].size(0)
+        self._val_sum = self._val_sum + self.compute_loss(batch).detach().float() * n
+        self._val_count += n
+
+    def val_loss(self) -> float:
+        return (self._val_sum / max(1, self._val_count)).item()
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss()
+        self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, prog_bar=True)
+
+    @torch.no_grad()
+    def evaluate(self, dataloader: Any) -> float:
+        """Mean loss over a dataloader, outside Lightning's loops (before/after probes); restores train mode."""
+        was_training = self.training
+        self.eval()
+        self.on_validation_epoch_start()
+        for i, batch in enumerate(dataloader):
+            self.validation_step(tuple(t.to(self.device, non_blocking=True) for t in batch), i)
+        self.train(was_training)
+        return self.val_loss()
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt, sched = self.hparams.optim, self.hparams.schedule
+        params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=opt["lr"],
+            weight_decay=opt["weight_decay"],
+            betas=tuple(opt.get("betas", (0.9, 0.999))),
+            eps=opt.get("eps", 1e-8),
+        )
+        factor = lr_lambda(
+            sched.get("name", "constant"),
+            opt.get("warmup_steps", 0),
+            self.trainer.max_steps,
+            sched.get("min_lr_ratio", 0.0),
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "lr"},
+        }

@@ -1,0 +1,63 @@
+"""Shared fixtures: the real book, the real tokenizer, a tiny GPT-2 saved and loaded the real way."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """A private data folder (token cache, downloads) so tests never write into the repo."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
+def gptft_env(data_dir) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    env.update(HF_HUB_OFFLINE="1", GPTFT_DATA_DIR=str(data_dir), MPLBACKEND="Agg", TQDM_DISABLE="1")
+    return env
+
+
+@pytest.fixture(scope="session")
+def run_gptft(gptft_env):
+    """Run `python -m gptft.run` with overrides in a subprocess, as a user would."""
+
+    def run(*overrides: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gptft.run", *overrides],
+            cwd=REPO,
+            env={**gptft_env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def book_text() -> str:
+    from gptft.text import load_book_text
+
+    return load_book_text(829)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 with the real vocabulary, saved with save_pretrained (weights + tokenizer files)."""
+    import torch
+
+    from gptft.models import build_model, export_hf_model
+
+    torch.manual_seed(0)
+    model = build_model(
+        arch={"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
+    )
+    return export_hf_model(model, tmp_path_factory.mktemp("tiny") / "hf_model")
