@@ -55,14 +55,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # corpus and split problems surface now, before weights load
     model = build_model(**cfg.model)
-    task = instantiate(
-        cfg.task,
-        model=model,
-        optim=OmegaConf.to_container(cfg.optim),
-        schedule=OmegaConf.to_container(cfg.schedule),
-    )
+    # _convert_="all": plain dicts and lists in hparams, so checkpoints load with weights_only=True.
+    task = instantiate(cfg.task, model=model, optim=cfg.optim, schedule=cfg.schedule, _convert_="all")
 
-    record = RunRecord(out / "metrics.json", OmegaConf.to_container(cfg, resolve=True))
+    record = RunRecord(
+        out / "metrics.json", OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.ckpt_path)
+    )
     record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed)
     callbacks = [
         record,

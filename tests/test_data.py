@@ -30,12 +30,16 @@ def test_batch_is_a_pure_function_of_seed_and_step(book):
     assert not torch.equal(book.train_sampler.starts(0), reseeded.starts(0))
 
 
-def test_resumed_loader_continues_at_the_step(book):
-    """A loader that starts at step 5 yields exactly batches 5, 6, ... of the uninterrupted run."""
-    resumed = _StepBatches(book.train_sampler, first=5, count=3)
-    assert len(resumed) == 3
-    for i in range(3):
-        assert torch.equal(resumed[i][0], book.train_sampler.batch(5 + i)[0])
+def test_loader_continues_at_the_current_step(book):
+    """Each iteration starts at the step the trainer has reached: no batch replayed or skipped."""
+    step = {"now": 5}
+    loader = _StepBatches(book.train_sampler, lambda: step["now"], end=8)
+    assert len(loader) == 3
+    assert [torch.equal(x, book.train_sampler.batch(5 + i)[0]) for i, (x, _) in enumerate(loader)] == [
+        True
+    ] * 3
+    step["now"] = 7  # e.g. Lightning starts a new epoch after a resume
+    assert len(loader) == 1 and torch.equal(next(iter(loader))[0], book.train_sampler.batch(7)[0])
 
 
 def _inside(starts, length, segments):

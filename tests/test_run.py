@@ -84,7 +84,9 @@ def test_samples_continue_the_prompt(scratch_run):
 
 def test_checkpoint_and_exported_model(scratch_run):
     out = scratch_run[0]
-    ckpt = torch.load(out / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(
+        out / "checkpoints/last.ckpt", weights_only=True, map_location="cpu"
+    )  # as Lightning resumes
     assert ckpt["global_step"] == 20
     assert not any(k.startswith("_orig_mod") or "._orig_mod." in k for k in ckpt["state_dict"])
     model = AutoModelForCausalLM.from_pretrained(out / "hf_model")
@@ -119,3 +121,27 @@ def test_lr_sweep_through_hydra_multirun(run_gptft, tmp_path):
     assert lrs == [1e-3, 1e-5]
     drops = [json.loads((p / "metrics.json").read_text()) for p in jobs]
     assert all(d["status"] == "completed" for d in drops)
+
+
+def test_resumed_run_continues_with_the_batches_it_would_have_seen(run_gptft, tmp_path):
+    """Stop after 3 steps, resume to 6: steps 3-5 see the same batches, so (without dropout) the same losses."""
+    no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
+    common = ("debug=fast", "optim.lr=1e-3", *no_dropout)
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    _ok(run_gptft(*common, "trainer.max_steps=6", f"hydra.run.dir={whole}"))
+    _ok(run_gptft(*common, "trainer.max_steps=3", f"hydra.run.dir={part}"))
+    first = json.loads((part / "metrics.json").read_text())
+    _ok(
+        run_gptft(
+            *common, "trainer.max_steps=6", f"hydra.run.dir={part}", f"ckpt_path={part}/checkpoints/last.ckpt"
+        )
+    )
+    resumed = json.loads((part / "metrics.json").read_text())
+    assert resumed["status"] == "completed" and resumed["steps"] == 6
+    assert (
+        resumed["before"] == first["before"]
+        and resumed["train"]["loss_first"] == first["train"]["loss_first"]
+    )
+    losses = {run: [e.value for e in _scalars(run).Scalars("train/loss")] for run in (whole, part)}
+    assert len(losses[part]) == 6  # both sessions' curves in one event folder
+    assert losses[part][3:] == pytest.approx(losses[whole][3:], rel=1e-5)

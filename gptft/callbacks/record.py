@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import platform
 import time
@@ -23,9 +24,11 @@ class RunRecord(L.Callback):
     to the training step.
     """
 
-    def __init__(self, path: str | Path, config: dict[str, Any] | None = None):
+    def __init__(self, path: str | Path, config: dict[str, Any] | None = None, resume: bool = False):
         self.path = Path(path)
-        self.data: dict[str, Any] = {"status": "created", "config": config or {}}
+        # A resumed run keeps what the run before it measured (its "before" probe, its first loss).
+        previous = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
+        self.data: dict[str, Any] = {**previous, "status": "created", "config": config or {}}
         self._losses: list[torch.Tensor] = []
         self._tokens = 0
         self._t_fit = self._t_first = self._t_last = 0.0
@@ -81,8 +84,9 @@ class RunRecord(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._losses:
             losses = torch.stack(self._losses).float().cpu()
+            first = self.data.get("train", {}).get("loss_first", losses[0].item())
             self.data["train"] = {
-                "loss_first": losses[0].item(),
+                "loss_first": first,
                 "loss_last": losses[-1].item(),
                 "loss_last10_mean": losses[-10:].mean().item(),
             }
