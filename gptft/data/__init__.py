@@ -1,0 +1,5 @@
+"""LightningDataModules."""
+
+from gptft.data.windows import BookWindows, WindowSampler, split_segments
+
+__all__ = ["BookWindows", "WindowSampler", "split_segments"]

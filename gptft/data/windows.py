@@ -1,0 +1,211 @@
+"""Random windows over a book's token ids, as one LightningDataModule the LM studies share.
+
+Which windows batch k holds is a pure function of (seed, k): two runs with one seed see the same
+batches, and a resumed run continues where it stopped because its first batch is batch `global_step`.
+Windows are gathered with one tensor index, never a Python loop per token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from gptft.errors import ConfigError
+from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("tail", "head", "interleaved")
+Segments = list[tuple[int, int]]
+
+
+def split_segments(
+    n_tokens: int, split: str, test_fraction: float, block_len: int = 4096
+) -> tuple[Segments, Segments]:
+    """[start, end) token ranges of the train and test parts.
+
+    tail: the last `test_fraction` of the tokens tests (the course); head: the first part tests;
+    interleaved: about n_test / block_len test blocks of equal length, centred at even intervals, so both
+    parts span the whole book and the test share is exactly `test_fraction`.
+    """
+    n_test = int(round(n_tokens * test_fraction))
+    if split == "tail":
+        return [(0, n_tokens - n_test)], [(n_tokens - n_test, n_tokens)]
+    if split == "head":
+        return [(n_test, n_tokens)], [(0, n_test)]
+    if split == "interleaved":
+        k = max(1, round(n_test / block_len))
+        edges = [round((i + 0.5) * n_tokens / k + side * n_test / (2 * k)) for i in range(k) for side in (-1, 1)]
+        test = list(zip(edges[0::2], edges[1::2]))
+        bounds = [0, *edges, n_tokens]
+        train = [(a, b) for a, b in zip(bounds[0::2], bounds[1::2]) if b > a]
+        return train, test
+    raise ConfigError(f"data.split={split} is unknown: use one of {', '.join(SPLITS)}")
+
+
+def step_seed(seed: int, step: int, stream: str = "train") -> int:
+    """A well-spread 63-bit generator seed for (seed, step): nearby steps get unrelated streams."""
+    digest = hashlib.blake2b(f"{stream}:{seed}:{step}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class WindowSampler:
+    """Windows of `seq_len + 1` tokens drawn uniformly from the start positions that fit inside `segments`."""
+
+    def __init__(self, tokens: torch.Tensor, segments: Segments, seq_len: int, batch_size: int, seed: int):
+        self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
+        fits = [(s, e - s - seq_len) for s, e in segments if e - s > seq_len]
+        self.n_starts = sum(n for _, n in fits)
+        if self.n_starts == 0:
+            return
+        self._first = torch.tensor([s for s, _ in fits])
+        self._ends = torch.cumsum(torch.tensor([n for _, n in fits]), 0)  # cumulative count of valid starts
+        self._offsets = torch.arange(seq_len + 1)
+
+    def _positions(self, u: torch.Tensor) -> torch.Tensor:
+        """Map ranks 0..n_starts-1 to token positions, segment by segment."""
+        seg = torch.searchsorted(self._ends, u, right=True)
+        before = torch.where(seg > 0, self._ends[seg - 1], torch.zeros_like(u))
+        return self._first[seg] + (u - before)
+
+    def starts(self, step: int) -> torch.Tensor:
+        """Start positions of the windows of batch `step`."""
+        g = torch.Generator().manual_seed(step_seed(self.seed, step))
+        return self._positions(torch.randint(0, self.n_starts, (self.batch_size,), generator=g))
+
+    def spread_starts(self, count: int) -> torch.Tensor:
+        """`count` start positions spread evenly over the segments: a fixed, representative set."""
+        count = min(count, self.n_starts)
+        return self._positions(torch.linspace(0, self.n_starts - 1, count).round().long())
+
+    def windows(self, starts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x, y): the windows at `starts` and the same windows shifted by one token."""
+        w = self.tokens[starts[:, None] + self._offsets]
+        return w[:, :-1], w[:, 1:]
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows(self.starts(step))
+
+
+class _StepBatches(IterableDataset):
+    """Yields the batches of micro-steps `first()` .. `end - 1`, one whole batch per item.
+
+    `first` is asked each time iteration starts: Lightning may start a new "epoch" after a resume, and
+    each start must continue at the trainer's step, never replay or skip a batch.
+    """
+
+    def __init__(self, sampler: WindowSampler, first: Callable[[], int], end: int):
+        self.sampler, self.first, self.end = sampler, first, end
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.first())
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for step in range(self.first(), self.end):
+            yield self.sampler.batch(step)
+
+
+class _FixedWindows(Dataset):
+    def __init__(self, sampler: WindowSampler, starts: torch.Tensor):
+        self.x, self.y = sampler.windows(starts)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i]
+
+
+class BookWindows(L.LightningDataModule):
+    """Random training windows from one part of a book, a fixed set of test windows from the other."""
+
+    def __init__(
+        self,
+        book: int = 829,
+        path: str | None = None,
+        data_dir: str = "data",
+        keep_header: bool = False,
+        download: bool = True,
+        url: str = GUTENBERG_URL,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        split: str = "tail",
+        test_fraction: float = 0.1,
+        block_len: int = 4096,
+        val_windows: int = 32,
+        seed: int = 0,
+        pin_memory: bool = False,
+    ):
+        super().__init__()
+        self.save_hyperparameters()
+        self.text: str | None = None
+        self.tokens: torch.Tensor | None = None
+
+    def prepare_data(self) -> None:
+        # Find (and, as a last resort, download) the book once, on the main process.
+        h = self.hparams
+        resolve_book(h.book, h.path, h.data_dir, h.download, h.url)
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.tokens is not None:
+            return  # idempotent: run.py sets up early to fail fast, Lightning calls again
+        h = self.hparams
+        self.text = load_book_text(h.book, h.path, h.data_dir, h.keep_header, h.download, h.url)
+        self.tokens = load_book_tokens(self.text, Path(h.data_dir) / "cache")
+        self.train_segments, self.test_segments = split_segments(
+            len(self.tokens), h.split, h.test_fraction, h.block_len
+        )
+        self.train_sampler = WindowSampler(self.tokens, self.train_segments, h.seq_len, h.batch_size, h.seed)
+        self.test_sampler = WindowSampler(self.tokens, self.test_segments, h.seq_len, h.batch_size, h.seed)
+        for part, sampler, segments in (
+            ("train", self.train_sampler, self.train_segments),
+            ("test", self.test_sampler, self.test_segments),
+        ):
+            if sampler.n_starts == 0:
+                longest = max((e - s for s, e in segments), default=0)
+                raise ConfigError(
+                    f"data.seq_len={h.seq_len} does not fit in the {part} split (longest piece {longest} tokens "
+                    f"with data.split={h.split}, data.test_fraction={h.test_fraction}): lower data.seq_len "
+                    "or change the split"
+                )
+        log.info(
+            "%d tokens: train %d, test %d (split=%s); windows of %d tokens, batch %d",
+            len(self.tokens), sum(e - s for s, e in self.train_segments),
+            sum(e - s for s, e in self.test_segments), h.split, h.seq_len, h.batch_size,
+        )
+
+    def train_token_ids(self) -> torch.Tensor:
+        """All token ids of the training part (for probes that compare generated text with it)."""
+        return torch.cat([self.tokens[s:e] for s, e in self.train_segments])
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
+            raise ConfigError("trainer.max_steps is not set: windows are sampled per step, so give a step count")
+        accumulate = trainer.accumulate_grad_batches
+
+        def first() -> int:  # a resumed run starts at the batch it would have seen next
+            return trainer.global_step * accumulate
+
+        end = trainer.max_steps * accumulate
+        log.info("training batches %d to %d of seed %d", first(), end - 1, self.hparams.seed)
+        return DataLoader(
+            _StepBatches(self.train_sampler, first, end),
+            batch_size=None,
+            pin_memory=self.hparams.pin_memory,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        starts = self.test_sampler.spread_starts(self.hparams.val_windows)
+        return DataLoader(
+            _FixedWindows(self.test_sampler, starts),
+            batch_size=self.hparams.batch_size,
+            shuffle=False,
+            pin_memory=self.hparams.pin_memory,
+        )
