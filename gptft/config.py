@@ -9,6 +9,7 @@ from omegaconf import DictConfig
 
 from gptft.data.windows import SPLITS
 from gptft.errors import ConfigError
+from gptft.text.tokenizer import VOCAB_SIZE
 
 
 def _number(cfg: DictConfig, key: str) -> Any:
@@ -42,6 +43,12 @@ def validate(cfg: DictConfig) -> None:
     _positive_int(cfg, "trainer.max_steps")
     if cfg.data.split not in SPLITS:
         raise ConfigError(f"data.split={cfg.data.split} is unknown: use one of {', '.join(SPLITS)}")
+    top = _positive_int(cfg, "eval.top_k_tokens")
+    if top > VOCAB_SIZE:
+        raise ConfigError(f"eval.top_k_tokens={top} exceeds the vocabulary size {VOCAB_SIZE}: use e.g. 100")
+    if _number(cfg, "eval.seeds") < 0:
+        raise ConfigError(f"eval.seeds={cfg.eval.seeds} must be ≥ 0 (0 turns the free-generation probe off)")
+    _positive_int(cfg, "eval.copy_ngram")
     fraction = _number(cfg, "data.test_fraction")
     if not 0 < fraction < 1:
         raise ConfigError(f"data.test_fraction={fraction} must lie strictly between 0 and 1, e.g. 0.1")

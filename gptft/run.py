@@ -20,7 +20,7 @@ from gptft.errors import ConfigError
 log = logging.getLogger("gptft")
 
 
-def _slug(text: str, limit: int = 60) -> str:
+def _slug(text: str, limit: int = 100) -> str:
     """A folder-safe short form of a sweep job's overrides (paths contain '/')."""
     return re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", text)[:limit].strip("_") or "job"
 

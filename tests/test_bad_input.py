@@ -27,6 +27,11 @@ CASES = {
     "corpus path missing": (["data.path=/no/such/book.txt"], "data.path=/no/such/book.txt does not exist"),
     "empty corpus": (["data.path={bad}/empty.txt"], "is empty"),
     "binary corpus": (["data.path={bad}/image.png"], "is a binary file"),
+    "top-k tokens zero": (["eval.top_k_tokens=0"], "eval.top_k_tokens=0 must be a whole number ≥ 1"),
+    "top-k tokens past the vocabulary": (
+        ["eval.top_k_tokens=60000"],
+        "eval.top_k_tokens=60000 exceeds the vocabulary",
+    ),
     "weights missing offline": (
         ["model=gpt2"],
         "model.name_or_path=gpt2: weights are not in the Hugging Face cache",

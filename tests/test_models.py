@@ -11,7 +11,7 @@ from gptft.tasks import lr_lambda
 
 def test_saved_model_loads_back_through_from_pretrained(tiny_model_dir):
     assert (tiny_model_dir / "config.json").is_file() and (tiny_model_dir / "tokenizer.json").is_file()
-    ours = build_model(name_or_path=str(tiny_model_dir))
+    ours = build_model(name_or_path=str(tiny_model_dir)).eval()  # no dropout, to compare logits
     theirs = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     x = torch.randint(0, 50257, (2, 16))
     assert ours.config.n_layer == 2 and ours.config.vocab_size == 50257

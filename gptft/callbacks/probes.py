@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -11,18 +12,37 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from gptft.metrics import NgramIndex, distinct_n, share_in, top_token_ids
 from gptft.models.generate import sample_tokens
-from gptft.text.tokenizer import gpt2_encoding
+from gptft.text.tokenizer import VOCAB_SIZE, gpt2_encoding
 from gptft.utils.io import atomic_write_text
+from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 
-class Probes(L.Callback):
-    """Held-out loss and perplexity, and text samples from fixed prompts, at fit start and fit end.
+def spread(values: list[float]) -> dict[str, Any]:
+    """Mean and sample standard deviation over generation seeds (0 for a single seed)."""
+    return {
+        "mean": statistics.fmean(values),
+        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "values": values,
+    }
 
-    Results land in TensorBoard (`val/*` at the step they were taken, samples as text), in `samples/`,
-    and in metrics.json under "before" and "after".
+
+class Probes(L.Callback):
+    """Measure the model at fit start ("before") and fit end ("after").
+
+    - held-out loss and perplexity on the fixed test windows;
+    - samples continuing `prompts` (the same seed each time);
+    - free generation, repeated for `seeds` seeds: `free_prompts` prompts of one uniformly random token,
+      each continued by sampling; its style ratio (% of generated tokens among the training text's
+      `top_k_tokens` most frequent ids), copy rate (share of generated `copy_ngram`-grams found verbatim
+      in the training text) and distinct-1/2, as mean and spread over the seeds.
+
+    Prompts and sampling depend only on (seed, repeat), so before and after, and model A and B of a
+    paired study, see the same prompts. Results go to TensorBoard (`val/*`, `probe/*`, samples as text),
+    `samples/<when>.txt`, and metrics.json under "before" and "after".
     """
 
     def __init__(
@@ -34,14 +54,21 @@ class Probes(L.Callback):
         temperature: float = 1.0,
         seed: int = 0,
         ban_eot: bool = True,
+        seeds: int = 3,
+        free_prompts: int = 10,
+        top_k_tokens: int = 100,
+        copy_ngram: int = 8,
     ):
         self.prompts = list(prompts)
         self.out_dir = Path(out_dir)
         self.sampling = dict(
             max_new_tokens=max_new_tokens, top_k=top_k, temperature=temperature, ban_eot=ban_eot
         )
-        self.seed = seed
+        self.seed, self.seeds, self.free_prompts = seed, seeds, free_prompts
+        self.top_k_tokens, self.copy_ngram = top_k_tokens, copy_ngram
         self.results: dict[str, dict[str, Any]] = {}
+        self._top_ids: torch.Tensor | None = None
+        self._ngrams: NgramIndex | None = None
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:  # a resumed run already has its "before"
@@ -56,21 +83,37 @@ class Probes(L.Callback):
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> dict[str, Any]:
         if not trainer.is_global_zero:
             return {}
+        self._index_training_text(trainer.datamodule)
         with trainer.precision_plugin.forward_context():
             loss = task.evaluate(trainer.datamodule.val_dataloader())
             samples = self.samples(task.model)
-        result = {"step": trainer.global_step, "val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+            measures, free_samples = self.free_generation(task.model)
+        result = {
+            "step": trainer.global_step,
+            "val_loss": loss,
+            "val_ppl": math.exp(min(loss, 50.0)),
+            **measures,
+        }
         # Lightning logs step k's metrics at index k - 1 (the batch they follow); "before" sits at 0.
         step = max(trainer.global_step - 1, 0)
+        scalars = {"val/loss": loss, "val/ppl": result["val_ppl"]}
+        scalars |= {f"probe/{name}": m["mean"] for name, m in measures.items()}
         for logger in trainer.loggers:
-            logger.log_metrics({"val/loss": loss, "val/ppl": result["val_ppl"]}, step=step)
-        self._write_samples(when, samples, trainer)
+            logger.log_metrics(scalars, step=step)
+        self._write_samples(when, samples + free_samples, trainer)
         self.results[when] = result
-        log.info("%s training: val loss %.4f, ppl %.1f", when, loss, result["val_ppl"])
+        summary = ", ".join(f"{name} {m['mean']:.3g} ± {m['std']:.2g}" for name, m in measures.items())
+        log.info("%s training: val loss %.4f, ppl %.1f; %s", when, loss, result["val_ppl"], summary)
         return result
 
+    def _index_training_text(self, datamodule: L.LightningDataModule) -> None:
+        if self._top_ids is None:
+            train_ids = datamodule.train_token_ids()
+            self._top_ids = top_token_ids(train_ids, self.top_k_tokens)
+            self._ngrams = NgramIndex(train_ids, self.copy_ngram)
+
     def samples(self, model: torch.nn.Module) -> list[tuple[str, str]]:
-        """(prompt, continuation) for every prompt, with the same seed each time."""
+        """(prompt, continuation) for every text prompt, with the same seed each time."""
         enc = gpt2_encoding()
         out = []
         for i, prompt in enumerate(self.prompts):
@@ -79,14 +122,44 @@ class Probes(L.Callback):
             out.append((prompt, enc.decode(new.tolist())))
         return out
 
+    def measure(self, generated: torch.Tensor) -> dict[str, float]:
+        """The measures of one seed's generated tokens (prompt excluded). Subclasses add their own."""
+        return {
+            "style_ratio": 100 * share_in(generated, self._top_ids),
+            "copy_rate": self._ngrams.copy_rate(generated),
+            "distinct_1": distinct_n(generated, 1),
+            "distinct_2": distinct_n(generated, 2),
+        }
+
+    def free_generation(self, model: torch.nn.Module) -> tuple[dict[str, dict], list[tuple[str, str]]]:
+        """Measures over `seeds` repeats of batched free generation, and the first repeat's texts."""
+        if self.seeds < 1 or self.free_prompts < 1:
+            return {}, []
+        per_seed: list[dict[str, float]] = []
+        texts: list[tuple[str, str]] = []
+        enc = gpt2_encoding()
+        for repeat in range(self.seeds):
+            g = torch.Generator().manual_seed(derive_seed(self.seed, repeat, "free-prompts"))
+            prompts = torch.randint(0, VOCAB_SIZE, (self.free_prompts, 1), generator=g)
+            seed = derive_seed(self.seed, repeat, "free-sampling")
+            generated = sample_tokens(model, prompts, seed=seed, **self.sampling).cpu()
+            per_seed.append(self.measure(generated))
+            if repeat == 0:
+                texts = [
+                    (enc.decode(p.tolist()), enc.decode(t.tolist()))
+                    for p, t in zip(prompts, generated, strict=True)
+                ]
+        measures = {name: spread([m[name] for m in per_seed]) for name in per_seed[0]}
+        return measures, texts
+
     def _write_samples(self, when: str, samples: list[tuple[str, str]], trainer: L.Trainer) -> None:
-        text = "\n\n".join(f"=== {prompt}\n{prompt}{continuation}" for prompt, continuation in samples)
+        text = "\n\n".join(f"=== {prompt!r}\n{prompt}{continuation}" for prompt, continuation in samples)
         atomic_write_text(self.out_dir / f"{when}.txt", text + "\n")
         for logger in trainer.loggers:
             if isinstance(logger, TensorBoardLogger):
                 # TensorBoard renders text as Markdown: indent it so line breaks survive.
                 shown = "\n\n".join(
-                    f"**{p}**\n\n" + "\n".join("    " + line for line in (p + c).splitlines())
+                    f"**{p!r}**\n\n" + "\n".join("    " + line for line in (p + c).splitlines())
                     for p, c in samples
                 )
                 logger.experiment.add_text(f"samples/{when}", shown, trainer.global_step)

@@ -64,6 +64,7 @@ class RunRecord(L.Callback):
     ) -> None:
         if not self._t_first:
             self._t_first = time.perf_counter()
+            self._gather_and_write(trainer)  # the "before" probe survives a crash
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -80,6 +81,8 @@ class RunRecord(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._t_first:
             self._val_time += time.perf_counter() - self._t_val_start
+            self.data["steps"] = trainer.global_step
+            self._gather_and_write(trainer)  # progress on disk at every validation
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._losses:
@@ -114,9 +117,13 @@ class RunRecord(L.Callback):
         self._finish(trainer)
 
     def _finish(self, trainer: L.Trainer) -> None:
+        self._gather_and_write(trainer)
+        if trainer.is_global_zero:
+            log.info("metrics: %s", self.path)
+
+    def _gather_and_write(self, trainer: L.Trainer) -> None:
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "metrics"):
                 self.data.update(callback.metrics())
         if trainer.is_global_zero:
             self.write()
-            log.info("metrics: %s", self.path)

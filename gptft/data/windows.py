@@ -7,7 +7,6 @@ Windows are gathered with one tensor index, never a Python loop per token.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gptft.errors import ConfigError
 from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
+from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
@@ -41,18 +41,14 @@ def split_segments(
         return [(n_test, n_tokens)], [(0, n_test)]
     if split == "interleaved":
         k = max(1, round(n_test / block_len))
-        edges = [round((i + 0.5) * n_tokens / k + side * n_test / (2 * k)) for i in range(k) for side in (-1, 1)]
-        test = list(zip(edges[0::2], edges[1::2]))
+        edges = [
+            round((i + 0.5) * n_tokens / k + side * n_test / (2 * k)) for i in range(k) for side in (-1, 1)
+        ]
+        test = list(zip(edges[0::2], edges[1::2], strict=True))
         bounds = [0, *edges, n_tokens]
-        train = [(a, b) for a, b in zip(bounds[0::2], bounds[1::2]) if b > a]
+        train = [(a, b) for a, b in zip(bounds[0::2], bounds[1::2], strict=True) if b > a]
         return train, test
     raise ConfigError(f"data.split={split} is unknown: use one of {', '.join(SPLITS)}")
-
-
-def step_seed(seed: int, step: int, stream: str = "train") -> int:
-    """A well-spread 63-bit generator seed for (seed, step): nearby steps get unrelated streams."""
-    digest = hashlib.blake2b(f"{stream}:{seed}:{step}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
 
 
 class WindowSampler:
@@ -76,7 +72,7 @@ class WindowSampler:
 
     def starts(self, step: int) -> torch.Tensor:
         """Start positions of the windows of batch `step`."""
-        g = torch.Generator().manual_seed(step_seed(self.seed, step))
+        g = torch.Generator().manual_seed(derive_seed(self.seed, step, "train"))
         return self._positions(torch.randint(0, self.n_starts, (self.batch_size,), generator=g))
 
     def spread_starts(self, count: int) -> torch.Tensor:
@@ -176,8 +172,12 @@ class BookWindows(L.LightningDataModule):
                 )
         log.info(
             "%d tokens: train %d, test %d (split=%s); windows of %d tokens, batch %d",
-            len(self.tokens), sum(e - s for s, e in self.train_segments),
-            sum(e - s for s, e in self.test_segments), h.split, h.seq_len, h.batch_size,
+            len(self.tokens),
+            sum(e - s for s, e in self.train_segments),
+            sum(e - s for s, e in self.test_segments),
+            h.split,
+            h.seq_len,
+            h.batch_size,
         )
 
     def train_token_ids(self) -> torch.Tensor:
@@ -187,7 +187,9 @@ class BookWindows(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         trainer = self.trainer
         if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
-            raise ConfigError("trainer.max_steps is not set: windows are sampled per step, so give a step count")
+            raise ConfigError(
+                "trainer.max_steps is not set: windows are sampled per step, so give a step count"
+            )
         accumulate = trainer.accumulate_grad_batches
 
         def first() -> int:  # a resumed run starts at the batch it would have seen next

@@ -114,7 +114,8 @@ def build_model(
     else:
         model = AutoModelForCausalLM.from_config(config, attn_implementation=attn_implementation)
         log.info("built %s from its config, random init", config.model_type)
-    model = model.to(torch.float32)
+    # fp32 master weights; train mode, as from_pretrained leaves eval mode (dropout off) and Lightning keeps it.
+    model = model.to(torch.float32).train()
     if compile:
         model.compile()  # in place: parameter names (checkpoints, save_pretrained) stay unprefixed
     return model

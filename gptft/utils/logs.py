@@ -18,3 +18,5 @@ def quiet_lightning() -> None:
     logging.getLogger("lightning").handlers.clear()
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_DropTips())
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # The training loader is an IterableDataset with a length, read in the main process (no workers).
+    warnings.filterwarnings("ignore", message=r".*IterableDataset. has .__len__. defined.*")

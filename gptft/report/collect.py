@@ -1,0 +1,89 @@
+"""Find the runs under a folder and read what they left: metrics.json, overrides, the loss curve."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptft.errors import ConfigError
+
+
+@dataclass
+class Run:
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
+    label: str = ""
+
+    @property
+    def status(self) -> str:
+        return self.metrics.get("status", "no metrics.json")
+
+    @property
+    def lr(self) -> float | None:
+        return self.metrics.get("config", {}).get("optim", {}).get("lr")
+
+    def measure(self, when: str, name: str) -> dict[str, Any] | None:
+        """A probe measure (mean/std/values) taken `when` ("before" or "after"), if it was taken."""
+        value = self.metrics.get(when, {}).get(name)
+        return value if isinstance(value, dict) else None
+
+    def loss_curve(self) -> tuple[list[int], list[float]]:
+        """(steps, train/loss) from the run's TensorBoard events; empty if it logged none."""
+        events = self.path / "tensorboard"
+        if not events.is_dir():
+            return [], []
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its directory watcher chats at INFO
+
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if "train/loss" not in acc.Tags().get("scalars", []):
+            return [], []
+        points = acc.Scalars("train/loss")
+        return [p.step for p in points], [p.value for p in points]
+
+
+def _read_overrides(path: Path) -> dict[str, str]:
+    file = path / ".hydra" / "overrides.yaml"
+    if not file.is_file():
+        return {}
+    items = yaml.safe_load(file.read_text()) or []
+    return dict(item.split("=", 1) for item in items if "=" in item and not item.startswith(("hydra.", "~")))
+
+
+def find_runs(folder: str | Path) -> list[Run]:
+    """Every run at or under `folder`: a folder with metrics.json or a .hydra/ config (a run that died early)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ConfigError(
+            f"{folder} is not a folder: give a run or sweep folder, e.g. outputs/lr_sweep/multirun_..."
+        )
+    found = {p.parent for p in folder.rglob("metrics.json")} | {p.parent for p in folder.rglob(".hydra")}
+    paths = sorted(p for p in found if "report" not in p.relative_to(folder).parts)
+    if not paths:
+        raise ConfigError(
+            f"{folder} holds no runs (no metrics.json or .hydra/ under it): give a run or sweep folder from outputs/"
+        )
+    runs = []
+    for path in paths:
+        metrics_file = path / "metrics.json"
+        metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        runs.append(Run(path, metrics, _read_overrides(path)))
+    _label(runs, folder)
+    return runs
+
+
+def _label(runs: list[Run], folder: Path) -> None:
+    """Name each run by the overrides that differ between runs (e.g. optim.lr=0.0001), else by its folder."""
+    keys = sorted({k for r in runs for k in r.overrides})
+    varying = [k for k in keys if len({r.overrides.get(k) for r in runs}) > 1]
+    for run in runs:
+        parts = [f"{k}={run.overrides[k]}" for k in varying if k in run.overrides]
+        run.label = ", ".join(parts) or (run.path.name if run.path != folder else folder.name)

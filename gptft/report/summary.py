@@ -1,0 +1,68 @@
+"""The report's table: one row per run, in Markdown."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gptft.report.collect import Run
+
+
+def _num(value: Any, digits: int = 3) -> str:
+    return "–" if value is None else f"{value:.{digits}g}"
+
+
+def _spread(m: dict[str, Any] | None, digits: int = 3) -> str:
+    return "–" if not m else f"{m['mean']:.{digits}g} ± {m['std']:.2g}"
+
+
+def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
+    rows = []
+    for run in runs:
+        m = run.metrics
+        train = m.get("train", {})
+        after = m.get("after", {})
+        rows.append(
+            {
+                "run": run.label,
+                "lr": _num(run.lr),
+                "status": run.status,
+                "steps": str(m.get("steps", "–")),
+                "train loss first → last": f"{_num(train.get('loss_first'), 4)} → {_num(train.get('loss_last'), 4)}",
+                "val loss": _num(after.get("val_loss"), 4),
+                "val ppl": _num(after.get("val_ppl"), 4),
+                "style ratio % before → after": (
+                    f"{_spread(run.measure('before', 'style_ratio'))} → {_spread(run.measure('after', 'style_ratio'))}"
+                ),
+                "copy rate": _spread(run.measure("after", "copy_rate")),
+                "distinct-2": _spread(run.measure("after", "distinct_2")),
+                "fit time s": _num(m.get("time", {}).get("fit_s"), 4),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict[str, str]]) -> str:
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row[h].replace("|", "\\|") for h in header) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def problems(runs: list[Run]) -> list[str]:
+    """What the report cannot show, run by run: a crash before training, a run that did not complete."""
+    notes = []
+    for run in runs:
+        if not run.metrics:
+            notes.append(
+                f"{run.label}: no metrics.json: it stopped before training started (see {run.path}/run.log)"
+            )
+        elif run.status != "completed":
+            why = run.metrics.get("error") or (
+                "still running, or killed before it could say so" if run.status == "running" else ""
+            )
+            missing = [w for w in ("before", "after") if w not in run.metrics]
+            notes.append(
+                f"{run.label}: status {run.status}{f' ({why})' if why else ''}; "
+                f"missing: {', '.join(missing) or 'nothing'}"
+            )
+    return notes

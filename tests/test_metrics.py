@@ -1,0 +1,69 @@
+import pytest
+import torch
+
+from gptft.callbacks import Probes
+from gptft.data import BookWindows
+from gptft.errors import ConfigError
+from gptft.metrics import NgramIndex, distinct_n, share_in, top_token_ids
+from gptft.models import build_model
+
+
+def test_top_ids_by_frequency_ties_to_the_lower_id():
+    assert top_token_ids(torch.tensor([5, 5, 5, 3, 3, 9]), k=2).tolist() == [5, 3]
+    assert top_token_ids(torch.tensor([7, 2, 2, 7, 1]), k=1).tolist() == [2]
+    for bad in (0, 50258):
+        with pytest.raises(ConfigError, match=f"eval.top_k_tokens={bad}"):
+            top_token_ids(torch.tensor([1, 2]), k=bad)
+
+
+def test_share_in_a_token_set():
+    generated = torch.tensor([[1, 2, 3, 4], [1, 1, 9, 9]])
+    assert share_in(generated, torch.tensor([1, 2])) == pytest.approx(4 / 8)
+    assert share_in(generated, torch.tensor([42])) == 0.0
+
+
+def test_distinct_n_within_sequences():
+    assert distinct_n(torch.tensor([[1, 2, 1, 2]]), 1) == pytest.approx(2 / 4)
+    assert distinct_n(torch.tensor([[1, 2, 1, 2]]), 2) == pytest.approx(2 / 3)
+    assert distinct_n(torch.tensor([[1, 2], [1, 2]]), 2) == pytest.approx(1 / 2)  # no n-gram across rows
+    assert distinct_n(torch.tensor([[3, 4, 5, 6]]), 2) == 1.0
+
+
+@pytest.fixture(scope="module")
+def book(data_dir):
+    dm = BookWindows(data_dir=str(data_dir), seq_len=64, batch_size=8)
+    dm.setup("fit")
+    return dm
+
+
+def test_copy_rate_of_the_book_itself_and_of_shuffled_tokens(book):
+    train = book.train_token_ids()
+    index = NgramIndex(train, n=8)
+    copied = book.train_sampler.batch(0)[0]  # windows of the training text
+    assert index.copy_rate(copied) == 1.0
+    shuffled = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(0))][:1000].view(
+        10, 100
+    )
+    assert index.copy_rate(shuffled) < 0.01
+    assert index.copy_rate(book.test_sampler.batch(0)[0]) < 0.2  # unseen text of the same book
+
+
+def test_style_ratio_of_real_text_is_about_half(book):
+    """GPT-2's 100 most frequent ids in Gulliver cover roughly half of the book's own tokens."""
+    top = top_token_ids(book.train_token_ids(), 100)
+    assert 0.4 < share_in(book.test_sampler.batch(0)[0], top) < 0.7
+
+
+def test_free_generation_probe_is_deterministic_and_restores_train_mode(book, tiny_model_dir, tmp_path):
+    model = build_model(name_or_path=str(tiny_model_dir))
+    probes = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, seeds=2, free_prompts=4)
+    probes._index_training_text(book)
+    first, texts = probes.free_generation(model)
+    again, _ = probes.free_generation(model)
+    assert first == again and model.training
+    assert set(first) == {"style_ratio", "copy_rate", "distinct_1", "distinct_2"}
+    assert len(first["style_ratio"]["values"]) == 2 and first["style_ratio"]["std"] >= 0
+    assert len(texts) == 4
+    other = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, seeds=2, free_prompts=4, seed=1)
+    other._index_training_text(book)
+    assert other.free_generation(model)[0]["distinct_1"]["values"] != first["distinct_1"]["values"]
