@@ -32,6 +32,12 @@ CASES = {
         ["eval.top_k_tokens=60000"],
         "eval.top_k_tokens=60000 exceeds the vocabulary",
     ),
+    "KL pattern matching nothing": (["task=kl_target", "task.target.pattern=zzzzzzzzzz"], "matches no token"),
+    "KL pattern not a regex": (
+        ["task=kl_target", "task.target.pattern='x('"],
+        "is not a valid regular expression",
+    ),
+    "KL alpha not above beta": (["task=kl_target", "task.target.beta=2.0"], "need alpha > beta ≥ 0"),
     "weights missing offline": (
         ["model=gpt2"],
         "model.name_or_path=gpt2: weights are not in the Hugging Face cache",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -69,6 +68,7 @@ class Probes(L.Callback):
         self.results: dict[str, dict[str, Any]] = {}
         self._top_ids: torch.Tensor | None = None
         self._ngrams: NgramIndex | None = None
+        self._token_sets: dict[str, torch.Tensor] = {}  # the task's own sets, e.g. the KL target's ids
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.global_step == 0:  # a resumed run already has its "before"
@@ -84,26 +84,23 @@ class Probes(L.Callback):
         if not trainer.is_global_zero:
             return {}
         self._index_training_text(trainer.datamodule)
+        self._token_sets = task.probe_token_sets()
         with trainer.precision_plugin.forward_context():
-            loss = task.evaluate(trainer.datamodule.val_dataloader())
+            held_out = task.loss_metrics(task.evaluate(trainer.datamodule.val_dataloader()))
             samples = self.samples(task.model)
             measures, free_samples = self.free_generation(task.model)
-        result = {
-            "step": trainer.global_step,
-            "val_loss": loss,
-            "val_ppl": math.exp(min(loss, 50.0)),
-            **measures,
-        }
+        result = {"step": trainer.global_step, **{f"val_{k}": v for k, v in held_out.items()}, **measures}
         # Lightning logs step k's metrics at index k - 1 (the batch they follow); "before" sits at 0.
         step = max(trainer.global_step - 1, 0)
-        scalars = {"val/loss": loss, "val/ppl": result["val_ppl"]}
+        scalars = {f"val/{k}": v for k, v in held_out.items()}
         scalars |= {f"probe/{name}": m["mean"] for name, m in measures.items()}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         self._write_samples(when, samples + free_samples, trainer)
         self.results[when] = result
+        held = ", ".join(f"val {k} {v:.4g}" for k, v in held_out.items())
         summary = ", ".join(f"{name} {m['mean']:.3g} ± {m['std']:.2g}" for name, m in measures.items())
-        log.info("%s training: val loss %.4f, ppl %.1f; %s", when, loss, result["val_ppl"], summary)
+        log.info("%s training: %s; %s", when, held, summary)
         return result
 
     def _index_training_text(self, datamodule: L.LightningDataModule) -> None:
@@ -129,6 +126,7 @@ class Probes(L.Callback):
             "copy_rate": self._ngrams.copy_rate(generated),
             "distinct_1": distinct_n(generated, 1),
             "distinct_2": distinct_n(generated, 2),
+            **{name: share_in(generated, ids) for name, ids in self._token_sets.items()},
         }
 
     def free_generation(self, model: torch.nn.Module) -> tuple[dict[str, dict], list[tuple[str, str]]]:

@@ -17,11 +17,13 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gptft.errors import ConfigError
 from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
+from gptft.text.tokenizer import VOCAB_SIZE
 from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("tail", "head", "interleaved")
+SOURCES = ("book", "random_tokens")
 Segments = list[tuple[int, int]]
 
 
@@ -89,6 +91,18 @@ class WindowSampler:
         return self.windows(self.starts(step))
 
 
+class RandomTokens:
+    """Fresh uniformly random token ids each step (the course's KL-study inputs); still a function of (seed, step)."""
+
+    def __init__(self, seq_len: int, batch_size: int, seed: int, vocab_size: int = VOCAB_SIZE):
+        self.seq_len, self.batch_size, self.seed, self.vocab_size = seq_len, batch_size, seed, vocab_size
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(derive_seed(self.seed, step, "random-tokens"))
+        w = torch.randint(0, self.vocab_size, (self.batch_size, self.seq_len + 1), generator=g)
+        return w[:, :-1], w[:, 1:]
+
+
 class _StepBatches(IterableDataset):
     """Yields the batches of micro-steps `first()` .. `end - 1`, one whole batch per item.
 
@@ -96,7 +110,7 @@ class _StepBatches(IterableDataset):
     each start must continue at the trainer's step, never replay or skip a batch.
     """
 
-    def __init__(self, sampler: WindowSampler, first: Callable[[], int], end: int):
+    def __init__(self, sampler: WindowSampler | RandomTokens, first: Callable[[], int], end: int):
         self.sampler, self.first, self.end = sampler, first, end
 
     def __len__(self) -> int:
@@ -119,7 +133,11 @@ class _FixedWindows(Dataset):
 
 
 class BookWindows(L.LightningDataModule):
-    """Random training windows from one part of a book, a fixed set of test windows from the other."""
+    """Random training windows from one part of a book, a fixed set of test windows from the other.
+
+    `source="random_tokens"` trains on fresh random token ids instead (the KL study's course setting);
+    validation and the probes still use the book.
+    """
 
     def __init__(
         self,
@@ -137,6 +155,7 @@ class BookWindows(L.LightningDataModule):
         val_windows: int = 32,
         seed: int = 0,
         pin_memory: bool = False,
+        source: str = "book",
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -170,6 +189,10 @@ class BookWindows(L.LightningDataModule):
                     f"with data.split={h.split}, data.test_fraction={h.test_fraction}): lower data.seq_len "
                     "or change the split"
                 )
+        if h.source == "random_tokens":
+            self.train_sampler = RandomTokens(h.seq_len, h.batch_size, h.seed)
+        elif h.source != "book":
+            raise ConfigError(f"data.source={h.source} is unknown: use one of {', '.join(SOURCES)}")
         log.info(
             "%d tokens: train %d, test %d (split=%s); windows of %d tokens, batch %d",
             len(self.tokens),

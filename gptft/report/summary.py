@@ -33,12 +33,32 @@ def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
                 "style ratio % before → after": (
                     f"{_spread(run.measure('before', 'style_ratio'))} → {_spread(run.measure('after', 'style_ratio'))}"
                 ),
+                "target ratio before → after": (
+                    f"{_spread(run.measure('before', 'target_ratio'))} → {_spread(run.measure('after', 'target_ratio'))}"
+                ),
                 "copy rate": _spread(run.measure("after", "copy_rate")),
                 "distinct-2": _spread(run.measure("after", "distinct_2")),
                 "fit time s": _num(m.get("time", {}).get("fit_s"), 4),
             }
         )
+    # A column only the KL study fills stays out of the other studies' tables.
+    if all(run.measure("after", "target_ratio") is None for run in runs):
+        for row in rows:
+            del row["target ratio before → after"]
     return rows
+
+
+def samples_section(runs: list[Run], limit: int = 400) -> list[str]:
+    """The first after-training sample of each run, side by side (as Markdown blocks)."""
+    lines = []
+    for run in runs:
+        file = run.path / "samples" / "after.txt"
+        if file.is_file():
+            first = file.read_text().split("\n\n=== ")[0].split("\n", 1)
+            body = first[1] if len(first) > 1 else first[0]
+            text = body[:limit] + ("…" if len(body) > limit else "")
+            lines += [f"**{run.label}**", "", "```", text.strip("\n"), "```", ""]
+    return ["## Samples after training", "", *lines] if lines else []
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:

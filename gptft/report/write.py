@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 from gptft.errors import ConfigError
 from gptft.report.collect import Run, find_runs
 from gptft.report.figures import before_after_figure, loss_figure, png_bytes
-from gptft.report.summary import markdown_table, problems, summary_rows
+from gptft.report.summary import markdown_table, problems, samples_section, summary_rows
 from gptft.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -27,6 +27,7 @@ HP_METRICS = {
     ("after", "style_ratio"): "hp/style_ratio_after",
     ("before", "style_ratio"): "hp/style_ratio_before",
     ("after", "copy_rate"): "hp/copy_rate_after",
+    ("after", "target_ratio"): "hp/target_ratio_after",
     ("after", "distinct_2"): "hp/distinct_2_after",
 }
 
@@ -41,7 +42,12 @@ def write_report(folder: str | Path) -> str:
         "loss": loss_figure(runs, curves),
         "style_ratio": before_after_figure(runs, "style_ratio", "style ratio (%)"),
     }
-    text = _summary_text(folder, runs, [name for name, fig in figures.items() if fig is None])
+    missing = [name for name, fig in figures.items() if fig is None]
+    # Task-specific measures get a figure only when a run has them (the KL study's target ratio).
+    target = before_after_figure(runs, "target_ratio", "target ratio (share of target tokens)")
+    if target is not None:
+        figures["target_ratio"] = target
+    text = _summary_text(folder, runs, missing)
     for name, fig in figures.items():
         if fig is not None:
             atomic_write_bytes(out / f"{name}.png", png_bytes(fig))
@@ -63,6 +69,7 @@ def _summary_text(folder: Path, runs: list[Run], missing_figures: list[str]) -> 
         "Mean ± std over `eval.seeds` generation seeds, after training unless marked.",
         "",
     ]
+    lines += samples_section(runs)
     notes = problems(runs) + [f"no data for {name}.png" for name in missing_figures]
     if notes:
         lines += ["## Missing", "", *[f"- {n}" for n in notes], ""]

@@ -51,15 +51,29 @@ class CausalLM(L.LightningModule):
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
-    def compute_loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Mean next-token cross-entropy over the labels that are not IGNORE_INDEX."""
+    def compute_loss(
+        self, batch: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, extra detached scalars logged as train/<name>). Here: mean next-token cross-entropy over
+        the labels that are not IGNORE_INDEX."""
         x, y = batch
         logits = self.logits(x)
-        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX), {}
+
+    def loss_metrics(self, loss: float) -> dict[str, float]:
+        """What a held-out loss value means for this task (the val/ tags and the probes' numbers)."""
+        return {"loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    def probe_token_sets(self) -> dict[str, torch.Tensor]:
+        """Token-id sets whose share of generated tokens the probes should report (none for plain LM)."""
+        return {}
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = self.compute_loss(batch)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch[0].size(0))
+        loss, extras = self.compute_loss(batch)
+        batch_size = batch[0].size(0)
+        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
+        for name, value in extras.items():
+            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
     # Validation is reduced by hand (a batch-size weighted mean) so that probes outside Lightning's
@@ -69,15 +83,15 @@ class CausalLM(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         n = batch[0].size(0)
-        self._val_sum = self._val_sum + self.compute_loss(batch).detach().float() * n
+        self._val_sum = self._val_sum + self.compute_loss(batch)[0].detach().float() * n
         self._val_count += n
 
     def val_loss(self) -> float:
         return (self._val_sum / max(1, self._val_count)).item()
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss()
-        self.log_dict({"val/loss": loss, "val/ppl": math.exp(min(loss, 50.0))}, prog_bar=True)
+        metrics = self.loss_metrics(self.val_loss())
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, prog_bar=True)
 
     @torch.no_grad()
     def evaluate(self, dataloader: Any) -> float:
