@@ -36,6 +36,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from gptft.callbacks import RunRecord
     from gptft.config import check_context, validate
     from gptft.models import build_model, context_length, export_hf_model, model_config
+    from gptft.tasks.freezing import apply_freeze, format_freeze_table
     from gptft.utils.logs import quiet_lightning
     from gptft.utils.rich_tree import print_config_tree
 
@@ -55,13 +56,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # corpus and split problems surface now, before weights load
     model = build_model(**cfg.model)
+    frozen = apply_freeze(model, **cfg.freeze)
+    log.info("freeze=%s: parameters per block\n%s", cfg.freeze.name, format_freeze_table(frozen))
     # _convert_="all": plain dicts and lists in hparams, so checkpoints load with weights_only=True.
     task = instantiate(cfg.task, model=model, optim=cfg.optim, schedule=cfg.schedule, _convert_="all")
 
     record = RunRecord(
         out / "metrics.json", OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.ckpt_path)
     )
-    record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed)
+    record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed, freeze=frozen)
     callbacks = [
         record,
         instantiate(cfg.eval),

@@ -3,5 +3,6 @@ the run's metrics.json by RunRecord."""
 
 from gptft.callbacks.probes import Probes
 from gptft.callbacks.record import RunRecord
+from gptft.callbacks.weight_delta import WeightDelta
 
-__all__ = ["Probes", "RunRecord"]
+__all__ = ["Probes", "RunRecord", "WeightDelta"]

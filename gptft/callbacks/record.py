@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import platform
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,9 @@ class RunRecord(L.Callback):
         previous = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
         self.data: dict[str, Any] = {**previous, "status": "created", "config": config or {}}
         self._losses: list[torch.Tensor] = []
+        self._batch_sums: list[torch.Tensor] = []
+        self._batch_times: list[float] = []
+        self._t_batch = 0.0
         self._tokens = 0
         self._t_fit = self._t_first = self._t_last = 0.0
         self._t_val_start = 0.0
@@ -65,14 +70,23 @@ class RunRecord(L.Callback):
         if not self._t_first:
             self._t_first = time.perf_counter()
             self._gather_and_write(trainer)  # the "before" probe survives a crash
+        self._t_batch = self._clock(pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._losses.append(loss.detach())
+        self._batch_sums.append(batch[0].sum())  # a fingerprint of what was trained on, no sync
         self._tokens += batch[0].numel()
-        self._t_last = time.perf_counter()
+        self._t_last = self._clock(pl_module)
+        self._batch_times.append(self._t_last - self._t_batch)
+
+    @staticmethod
+    def _clock(pl_module: L.LightningModule) -> float:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # CUDA runs ahead of Python: time the work, not its launch
+        return time.perf_counter()
 
     # Periodic validation runs inside the training span; its time is not training time.
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -100,8 +114,12 @@ class RunRecord(L.Callback):
             "train_s": round(train_s, 3),
             "val_s": round(self._val_time, 3),
             "step_s": round(train_s / max(1, len(self._losses)), 4),
+            "median_step_s": round(statistics.median(self._batch_times), 4) if self._batch_times else None,
             "tokens_per_s": round(self._tokens / train_s, 1),
         }
+        if self._batch_sums:
+            sums = torch.stack(self._batch_sums).cpu().tolist()
+            self.data["data_fingerprint"] = hashlib.blake2b(str(sums).encode(), digest_size=8).hexdigest()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.data.setdefault("time", {})["fit_s"] = round(time.perf_counter() - self._t_fit, 3)

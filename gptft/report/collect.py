@@ -49,6 +49,15 @@ class Run:
         points = acc.Scalars("train/loss")
         return [p.step for p in points], [p.value for p in points]
 
+    def weight_deltas(self) -> tuple[list[int], dict[str, list[float]]] | None:
+        """(steps, {weight name: ‖ΔW‖ per step}) from weight_delta.csv, if the run tracked weights."""
+        file = self.path / "weight_delta.csv"
+        if not file.is_file():
+            return None
+        header, *rows = [line.split(",") for line in file.read_text().splitlines() if line]
+        steps = [int(r[0]) for r in rows]
+        return steps, {name: [float(r[i + 1]) for r in rows] for i, name in enumerate(header[1:])}
+
 
 def _read_overrides(path: Path) -> dict[str, str]:
     file = path / ".hydra" / "overrides.yaml"

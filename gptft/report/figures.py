@@ -71,3 +71,58 @@ def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=120)
     return buffer.getvalue()
+
+
+def paired_loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
+    """Loss of run B against run A at the same steps, with y = x: points below the line are steps B did better."""
+    if len(runs) != 2:
+        return None
+    (steps_a, loss_a), (steps_b, loss_b) = (
+        curves.get(runs[0].label, ([], [])),
+        curves.get(runs[1].label, ([], [])),
+    )
+    at_b = dict(zip(steps_b, loss_b, strict=True))
+    pairs = [(a, at_b[s]) for s, a in zip(steps_a, loss_a, strict=True) if s in at_b]
+    if not pairs:
+        return None
+    xs, ys = zip(*pairs, strict=True)
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    ax.scatter(xs, ys, s=10, alpha=0.6)
+    low, high = min(xs + ys), max(xs + ys)
+    ax.plot([low, high], [low, high], color="black", lw=1, label="y = x")
+    ax.set(
+        xlabel=f"train loss, A: {runs[0].label}",
+        ylabel=f"train loss, B: {runs[1].label}",
+        title="Loss B vs loss A, step by step",
+    )
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def weight_delta_figure(runs: list[Run]) -> Figure | None:
+    """‖W_t − W_{t−1}‖_F of every tracked weight per step, one panel per run, log scale (zeros: frozen)."""
+    tables = [(r, r.weight_deltas()) for r in runs]
+    tables = [(r, t) for r, t in tables if t]
+    if not tables:
+        return None
+    fig, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), sharey=True, squeeze=False)
+    for ax, (run, (steps, columns)) in zip(axes[0], tables, strict=True):
+        cmap = plt.get_cmap("viridis", max(2, len(columns)))
+        for i, (name, values) in enumerate(columns.items()):
+            shown = [(s, v) for s, v in zip(steps, values, strict=True) if v > 0]
+            if shown:
+                ax.plot(*zip(*shown, strict=True), lw=0.8, color=cmap(i), label=name)
+        ax.set_yscale("log")
+        ax.set(xlabel="step", title=run.label)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("‖ΔW‖_F per step")
+    handles, labels = axes[0][-1].get_legend_handles_labels()
+    if len(labels) <= 12:
+        axes[0][-1].legend(fontsize=6)
+    fig.suptitle(
+        "Weight change per step of the tracked weights (frozen ones are 0 and not drawn)", fontsize=10
+    )
+    fig.tight_layout()
+    return fig

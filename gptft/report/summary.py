@@ -11,6 +11,10 @@ def _num(value: Any, digits: int = 3) -> str:
     return "–" if value is None else f"{value:.{digits}g}"
 
 
+def _count(value: int | None) -> str:
+    return "–" if value is None else f"{value / 1e6:.2f} M"
+
+
 def _spread(m: dict[str, Any] | None, digits: int = 3) -> str:
     return "–" if not m else f"{m['mean']:.{digits}g} ± {m['std']:.2g}"
 
@@ -38,6 +42,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
                 ),
                 "copy rate": _spread(run.measure("after", "copy_rate")),
                 "distinct-2": _spread(run.measure("after", "distinct_2")),
+                "trainable params": _count(m.get("params", {}).get("trainable")),
+                "median step s": _num(m.get("time", {}).get("median_step_s"), 3),
                 "fit time s": _num(m.get("time", {}).get("fit_s"), 4),
             }
         )
@@ -46,6 +52,25 @@ def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
         for row in rows:
             del row["target ratio before → after"]
     return rows
+
+
+def paired_section(runs: list[Run]) -> list[str]:
+    """Two runs (model A and model B of a paired study): the time saving r = (T_A − T_B) / T_A."""
+    if len(runs) != 2:
+        return []
+    a, b = (r.metrics.get("time", {}) for r in runs)
+    lines = ["## A and B", "", f"A = {runs[0].label}, B = {runs[1].label}.", ""]
+    for key, what in (("fit_s", "wall time of the fit"), ("median_step_s", "median step time")):
+        if a.get(key) and b.get(key):
+            r = (a[key] - b[key]) / a[key]
+            lines.append(
+                f"- {what}: T_A = {a[key]:.4g} s, T_B = {b[key]:.4g} s, saving r = (T_A − T_B) / T_A = {100 * r:.1f}%"
+            )
+    fingerprints = {r.metrics.get("data_fingerprint") for r in runs}
+    if None not in fingerprints:
+        same = "the same batches" if len(fingerprints) == 1 else "DIFFERENT batches"
+        lines.append(f"- A and B trained on {same} (data fingerprint)")
+    return [*lines, ""]
 
 
 def samples_section(runs: list[Run], limit: int = 400) -> list[str]:

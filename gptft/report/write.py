@@ -14,8 +14,14 @@ from omegaconf import DictConfig
 
 from gptft.errors import ConfigError
 from gptft.report.collect import Run, find_runs
-from gptft.report.figures import before_after_figure, loss_figure, png_bytes
-from gptft.report.summary import markdown_table, problems, samples_section, summary_rows
+from gptft.report.figures import (
+    before_after_figure,
+    loss_figure,
+    paired_loss_figure,
+    png_bytes,
+    weight_delta_figure,
+)
+from gptft.report.summary import markdown_table, paired_section, problems, samples_section, summary_rows
 from gptft.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -43,10 +49,13 @@ def write_report(folder: str | Path) -> str:
         "style_ratio": before_after_figure(runs, "style_ratio", "style ratio (%)"),
     }
     missing = [name for name, fig in figures.items() if fig is None]
-    # Task-specific measures get a figure only when a run has them (the KL study's target ratio).
-    target = before_after_figure(runs, "target_ratio", "target ratio (share of target tokens)")
-    if target is not None:
-        figures["target_ratio"] = target
+    # Figures that only some studies have data for: drawn when a run has them.
+    optional = {
+        "target_ratio": before_after_figure(runs, "target_ratio", "target ratio (share of target tokens)"),
+        "loss_b_vs_a": paired_loss_figure(runs, curves),
+        "weight_delta": weight_delta_figure(runs),
+    }
+    figures |= {name: fig for name, fig in optional.items() if fig is not None}
     text = _summary_text(folder, runs, missing)
     for name, fig in figures.items():
         if fig is not None:
@@ -69,6 +78,7 @@ def _summary_text(folder: Path, runs: list[Run], missing_figures: list[str]) -> 
         "Mean ± std over `eval.seeds` generation seeds, after training unless marked.",
         "",
     ]
+    lines += paired_section(runs)
     lines += samples_section(runs)
     notes = problems(runs) + [f"no data for {name}.png" for name in missing_figures]
     if notes:

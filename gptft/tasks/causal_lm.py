@@ -107,8 +107,13 @@ class CausalLM(L.LightningModule):
     def configure_optimizers(self) -> dict[str, Any]:
         opt, sched = self.hparams.optim, self.hparams.schedule
         params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
+        # Tensors trained only in part (freezing.qkv_parts) get no decay, which would move their frozen part.
+        groups = [
+            {"params": [p for p in params if not getattr(p, "_gptft_no_decay", False)]},
+            {"params": [p for p in params if getattr(p, "_gptft_no_decay", False)], "weight_decay": 0.0},
+        ]
         optimizer = torch.optim.AdamW(
-            params,
+            [g for g in groups if g["params"]],
             lr=opt["lr"],
             weight_decay=opt["weight_decay"],
             betas=tuple(opt.get("betas", (0.9, 0.999))),

@@ -1,0 +1,76 @@
+"""Per-step weight change: ‖W_t − W_{t−1}‖_F of every tracked weight matrix, after every optimizer step."""
+
+from __future__ import annotations
+
+import fnmatch
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from gptft.utils.io import atomic_write_text
+
+
+class WeightDelta(L.Callback):
+    """Tracks matrices whose names match `patterns` (default: every attention weight matrix).
+
+    Norms stay on the device until the end (no sync in the step); they are logged to TensorBoard as
+    `dW/<name>` every `log_every_n_steps` and written whole to `<out_dir>/weight_delta.csv`.
+    """
+
+    def __init__(self, out_dir: str, patterns: list[str] | None = None, log_every_n_steps: int = 1):
+        self.out_dir = Path(out_dir)
+        self.patterns = list(patterns or ["*.attn.*weight"])
+        self.log_every_n_steps = log_every_n_steps
+        self.names: list[str] = []
+        self._params: list[torch.Tensor] = []
+        self._previous: list[torch.Tensor] = []
+        self._rows: list[tuple[int, torch.Tensor]] = []
+        self._last_step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        model = pl_module.model
+        tracked = [
+            (n, p)
+            for n, p in model.named_parameters()
+            if p.dim() == 2 and any(fnmatch.fnmatchcase(n, pat) for pat in self.patterns)
+        ]
+        self.names = [n for n, _ in tracked]
+        self._params = [p for _, p in tracked]
+        self._previous = [p.detach().clone() for p in self._params]
+        self._last_step = trainer.global_step
+
+    @torch.no_grad()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        if trainer.global_step == self._last_step or not self._params:
+            return  # no optimizer step happened (gradient accumulation)
+        self._last_step = trainer.global_step
+        diffs = torch._foreach_sub(self._params, self._previous)
+        norms = torch.stack(torch._foreach_norm(diffs))
+        torch._foreach_copy_(self._previous, self._params)
+        self._rows.append((trainer.global_step, norms))
+        if trainer.global_step % self.log_every_n_steps == 0:
+            pl_module.log_dict({f"dW/{n}": v for n, v in zip(self.names, norms, strict=True)}, on_step=True)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._rows or not trainer.is_global_zero:
+            return
+        values = torch.stack([norms for _, norms in self._rows]).float().cpu().tolist()
+        lines = [",".join(["step", *self.names])]
+        lines += [
+            ",".join([str(step), *(f"{v:.6g}" for v in row)])
+            for (step, _), row in zip(self._rows, values, strict=True)
+        ]
+        atomic_write_text(self.out_dir / "weight_delta.csv", "\n".join(lines) + "\n")
+
+    def metrics(self) -> dict[str, Any]:
+        if not self._rows:
+            return {}
+        total = torch.stack([norms for _, norms in self._rows]).float().sum(0).cpu().tolist()
+        return {
+            "weight_delta": {
+                "tracked": len(self.names),
+                "sum_over_steps": dict(zip(self.names, total, strict=True)),
+            }
+        }

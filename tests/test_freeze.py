@@ -1,0 +1,157 @@
+"""The targeted-freezing study: strategies, the weight-change tracker, and the paired A/B run."""
+
+import json
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from gptft.errors import ConfigError
+from gptft.models import build_model
+from gptft.tasks.freezing import apply_freeze
+
+from conftest import REPO
+
+
+def _strategy(name: str, *overrides: str) -> dict:
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return dict(compose("config", overrides=[f"freeze={name}", *overrides]).freeze)
+
+
+@pytest.fixture
+def tiny(tiny_model_dir):
+    return build_model(name_or_path=str(tiny_model_dir))  # 2 blocks: the upper half is block 1
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_upper_qkv_trains_exactly_the_upper_qkv_weights(tiny):
+    report = apply_freeze(tiny, **_strategy("upper_qkv"))
+    assert _trainable(tiny) == {"transformer.h.1.attn.c_attn.weight"}
+    assert tiny.lm_head.weight.requires_grad is False  # tied to the frozen embedding
+    assert report["trainable"] == 64 * 192 and report["per_block"]["h.1"]["trainable"] == 64 * 192
+    assert report["trainable"] + report["frozen"] == sum(p.numel() for p in tiny.parameters())
+
+
+def test_late_attention_freezes_exactly_the_upper_attention(tiny):
+    apply_freeze(tiny, **_strategy("late_attention"))
+    frozen = {n for n, p in tiny.named_parameters() if not p.requires_grad}
+    assert frozen == {
+        f"transformer.h.1.attn.{m}.{w}" for m in ("c_attn", "c_proj") for w in ("weight", "bias")
+    }
+
+
+def test_none_trains_everything(tiny):
+    apply_freeze(tiny, **_strategy("none"))
+    assert _trainable(tiny) == {n for n, _ in tiny.named_parameters()}
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["freeze.trainable=[nothing.like.this]"],
+            r"freeze.trainable=\['nothing.like.this'\] matches no parameter",
+        ),
+        (["freeze.frozen=[*]"], "leaves nothing trainable"),
+        (["freeze.layers=[5]"], r"\[5\] beyond the model's 2 blocks"),
+        (["freeze.layers=middle"], "freeze.layers=middle is unknown"),
+        (["freeze.qkv_parts=[x]"], "use a non-empty subset of"),
+    ],
+)
+def test_bad_strategies(tiny, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_freeze(tiny, **_strategy("upper_qkv", *overrides))
+
+
+def test_key_only_masks_the_query_and_value_thirds(tiny):
+    apply_freeze(tiny, **_strategy("upper_qkv", "freeze.qkv_parts=[k]"))
+    weight = tiny.transformer.h[1].attn.c_attn.weight  # GPT-2 Conv1D: (d, 3d), columns q | k | v
+    tiny(torch.randint(0, 50257, (2, 16))).logits.sum().backward()
+    assert weight.grad[:, :64].abs().sum() == 0 and weight.grad[:, 128:].abs().sum() == 0
+    assert weight.grad[:, 64:128].abs().sum() > 0
+    assert weight._gptft_no_decay  # decay would move the frozen thirds
+
+
+@pytest.fixture(scope="module")
+def paired(run_gptft, tiny_model_dir, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("freeze")
+    result = run_gptft(
+        "experiment=freeze_attention",
+        f"model.name_or_path={tiny_model_dir}",
+        "trainer.max_steps=10",
+        "data.batch_size=4",
+        "data.seq_len=64",
+        "data.val_windows=8",
+        "eval.max_new_tokens=20",
+        "eval.seeds=1",
+        f"hydra.sweep.dir={folder}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = sorted(p for p in folder.iterdir() if p.name[0].isdigit())
+    return folder, a, b
+
+
+def test_frozen_weights_are_bit_identical_after_training(paired, tiny_model_dir):
+    _, a, b = paired
+    start = load_file(tiny_model_dir / "model.safetensors")
+    after_b = load_file(b / "hf_model/model.safetensors")
+    changed = {name for name in start if not torch.equal(start[name], after_b[name])}
+    assert changed == {"transformer.h.1.attn.c_attn.weight"}
+    after_a = load_file(a / "hf_model/model.safetensors")
+    assert len({name for name in start if not torch.equal(start[name], after_a[name])}) > 10
+
+
+def test_a_and_b_saw_the_same_batches(paired):
+    _, a, b = paired
+    ma, mb = (json.loads((p / "metrics.json").read_text()) for p in (a, b))
+    assert ma["data_fingerprint"] == mb["data_fingerprint"]
+    assert ma["freeze"]["strategy"] == "none" and mb["freeze"]["strategy"] == "upper_qkv"
+    assert mb["params"]["trainable"] == mb["freeze"]["trainable"] == 64 * 192 < ma["params"]["trainable"]
+    assert ma["time"]["median_step_s"] > 0
+
+
+def test_tracker_records_every_step_and_frozen_weights_do_not_move(paired):
+    _, a, b = paired
+    header, *rows = (b / "weight_delta.csv").read_text().splitlines()
+    names = header.split(",")[1:]
+    assert len(names) == 4 and len(rows) == 10  # c_attn and c_proj weights of 2 blocks, 10 steps
+    for row in rows:
+        values = dict(zip(names, map(float, row.split(",")[1:]), strict=True))
+        assert values["transformer.h.1.attn.c_attn.weight"] > 0
+        assert all(v == 0 for n, v in values.items() if n != "transformer.h.1.attn.c_attn.weight")
+
+
+def test_paired_report(paired):
+    folder, _, _ = paired
+    for png in ("loss.png", "style_ratio.png", "loss_b_vs_a.png", "weight_delta.png"):
+        assert (folder / "report" / png).is_file(), png
+    summary = (folder / "report/summary.md").read_text()
+    assert "saving r = (T_A − T_B) / T_A" in summary and "A and B trained on the same batches" in summary
+    assert "| freeze=none |" in summary and "| freeze=upper_qkv |" in summary
+
+
+def test_tracker_norms_match_saved_state_dicts(run_gptft, tmp_path):
+    run = tmp_path / "run"
+    result = run_gptft(
+        "debug=fast",
+        "callbacks=weight_delta",
+        "trainer.max_steps=3",
+        "callbacks.checkpoint.every_n_train_steps=1",
+        "callbacks.checkpoint.save_top_k=-1",
+        f"hydra.run.dir={run}",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = {
+        step: torch.load(run / f"checkpoints/epoch=0-step={step}.ckpt", weights_only=True)["state_dict"]
+        for step in (2, 3)
+    }
+    header, *rows = (run / "weight_delta.csv").read_text().splitlines()
+    last = dict(zip(header.split(",")[1:], map(float, rows[-1].split(",")[1:]), strict=True))
+    assert rows[-1].startswith("3,")
+    for name, norm in last.items():
+        by_hand = torch.linalg.norm(states[3][f"model.{name}"] - states[2][f"model.{name}"]).item()
+        assert norm == pytest.approx(by_hand, rel=1e-4)
