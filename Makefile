@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test lint tensorboard clean
+.PHONY: setup run test bench lint tensorboard clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ run: setup
 
 test: setup
 	MPLBACKEND=Agg $(PY) -m pytest -q
+
+bench: setup
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/weight_delta.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -29,8 +29,8 @@ class WeightDelta(L.Callback):
         self._rows: list[tuple[int, torch.Tensor]] = []
         self._last_step = -1
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        model = pl_module.model
+    def track(self, model: torch.nn.Module) -> None:
+        """Select the matrices to follow and remember their current values."""
         tracked = [
             (n, p)
             for n, p in model.named_parameters()
@@ -39,16 +39,23 @@ class WeightDelta(L.Callback):
         self.names = [n for n, _ in tracked]
         self._params = [p for _, p in tracked]
         self._previous = [p.detach().clone() for p in self._params]
-        self._last_step = trainer.global_step
 
     @torch.no_grad()
+    def step_norms(self) -> torch.Tensor:
+        """‖W − W_previous‖_F of every tracked matrix, then remember W (foreach ops, no device sync)."""
+        norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self._params, self._previous)))
+        torch._foreach_copy_(self._previous, self._params)
+        return norms
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.track(pl_module.model)
+        self._last_step = trainer.global_step
+
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if trainer.global_step == self._last_step or not self._params:
             return  # no optimizer step happened (gradient accumulation)
         self._last_step = trainer.global_step
-        diffs = torch._foreach_sub(self._params, self._previous)
-        norms = torch.stack(torch._foreach_norm(diffs))
-        torch._foreach_copy_(self._previous, self._params)
+        norms = self.step_norms()
         self._rows.append((trainer.global_step, norms))
         if trainer.global_step % self.log_every_n_steps == 0:
             pl_module.log_dict({f"dW/{n}": v for n, v in zip(self.names, norms, strict=True)}, on_step=True)
