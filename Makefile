@@ -24,6 +24,8 @@ test: setup
 	MPLBACKEND=Agg $(PY) -m pytest -q
 
 bench: setup
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/weight_delta.py
 
 lint: setup

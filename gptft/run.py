@@ -36,6 +36,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from gptft.callbacks import RunRecord
     from gptft.config import check_context, validate
     from gptft.models import build_model, context_length, export_hf_model, model_config
+    from gptft.models.precision import resolve_precision
     from gptft.tasks.freezing import apply_freeze, format_freeze_table
     from gptft.utils.logs import quiet_lightning
     from gptft.utils.rich_tree import print_config_tree
@@ -59,7 +60,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     frozen = apply_freeze(model, **cfg.freeze)
     log.info("freeze=%s: parameters per block\n%s", cfg.freeze.name, format_freeze_table(frozen))
     # _convert_="all": plain dicts and lists in hparams, so checkpoints load with weights_only=True.
-    task = instantiate(cfg.task, model=model, optim=cfg.optim, schedule=cfg.schedule, _convert_="all")
+    task = instantiate(
+        cfg.task,
+        model=model,
+        optim=cfg.optim,
+        schedule=cfg.schedule,
+        loss_chunk=cfg.model.loss_chunk,
+        _convert_="all",
+    )
 
     record = RunRecord(
         out / "metrics.json", OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.ckpt_path)
@@ -71,7 +79,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
+    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
 
     trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     if trainer.is_global_zero:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from gptft.errors import ConfigError
+from gptft.models.chunked_loss import chunked_linear_cross_entropy
 
 IGNORE_INDEX = -100  # labels with this value (padding, masked prompts) never count in the loss
 
@@ -41,10 +42,21 @@ def lr_lambda(
 class CausalLM(L.LightningModule):
     """Train a Hugging Face causal LM on next-token prediction."""
 
-    def __init__(self, model: PreTrainedModel, optim: Mapping[str, Any], schedule: Mapping[str, Any]):
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        optim: Mapping[str, Any],
+        schedule: Mapping[str, Any],
+        loss_chunk: int = 0,
+    ):
         super().__init__()
         self.model = model
-        self.save_hyperparameters({"optim": dict(optim), "schedule": dict(schedule)})
+        self.save_hyperparameters(
+            {"optim": dict(optim), "schedule": dict(schedule), "loss_chunk": loss_chunk}
+        )
+        head = model.get_output_embeddings()
+        # The chunked loss needs a bias-free linear head (GPT-2, GPT-Neo); others keep the standard path.
+        self.loss_chunk = loss_chunk if isinstance(head, torch.nn.Linear) and head.bias is None else 0
         self._val_sum = torch.zeros(())
         self._val_count = 0
 
@@ -57,6 +69,10 @@ class CausalLM(L.LightningModule):
         """(loss, extra detached scalars logged as train/<name>). Here: mean next-token cross-entropy over
         the labels that are not IGNORE_INDEX."""
         x, y = batch
+        if self.loss_chunk and torch.is_grad_enabled():  # training: never hold all B × T × V logits
+            hidden = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state
+            weight = self.model.get_output_embeddings().weight
+            return chunked_linear_cross_entropy(hidden, weight, y, self.loss_chunk, IGNORE_INDEX), {}
         logits = self.logits(x)
         return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE_INDEX), {}
 
@@ -112,12 +128,17 @@ class CausalLM(L.LightningModule):
             {"params": [p for p in params if not getattr(p, "_gptft_no_decay", False)]},
             {"params": [p for p in params if getattr(p, "_gptft_no_decay", False)], "weight_decay": 0.0},
         ]
+        fused = opt.get("fused")
+        if fused is None:  # fused kernels where torch has them for this device, else foreach
+            fused = self.device.type in ("cuda", "cpu", "mps", "xpu")
         optimizer = torch.optim.AdamW(
             [g for g in groups if g["params"]],
             lr=opt["lr"],
             weight_decay=opt["weight_decay"],
             betas=tuple(opt.get("betas", (0.9, 0.999))),
             eps=opt.get("eps", 1e-8),
+            fused=bool(fused),
+            foreach=None if fused else True,
         )
         factor = lr_lambda(
             sched.get("name", "constant"),

@@ -1,0 +1,78 @@
+"""The lean training step: the chunked output-layer loss equals the standard one; precision by hardware."""
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptft.models import build_model
+from gptft.models.chunked_loss import chunked_linear_cross_entropy
+from gptft.models.precision import cpu_bf16_native, resolve_precision
+from gptft.tasks import CausalLM
+
+OPTIM = {"lr": 1e-3, "weight_decay": 0.01}
+
+
+def _loss_and_grads(model, chunk, batch):
+    task = CausalLM(model, OPTIM, {"name": "constant"}, loss_chunk=chunk)
+    model.zero_grad()
+    loss, _ = task.compute_loss(batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+def test_chunked_loss_and_gradients_equal_the_standard_path(tiny_model_dir, chunk, masked):
+    model = build_model(name_or_path=str(tiny_model_dir)).eval()  # no dropout: both passes see one function
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randint(0, 50257, (3, 20), generator=g), torch.randint(0, 50257, (3, 20), generator=g)
+    if masked:
+        y[:, :8] = -100  # e.g. a masked prompt
+        y[2] = -100
+    ref_loss, ref_grads = _loss_and_grads(model, 0, (x, y))
+    loss, grads = _loss_and_grads(model, chunk, (x, y))  # 60 rows: 7 does not divide them
+    assert (loss - ref_loss).abs() / ref_loss <= 1e-5
+    for name, ref in ref_grads.items():
+        assert (grads[name] - ref).norm() / ref.norm() <= 1e-5, name
+
+
+def test_chunked_function_on_its_own():
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 5, 8, generator=g, requires_grad=True)
+    weight = torch.randn(30, 8, generator=g, requires_grad=True)
+    labels = torch.randint(0, 30, (2, 5), generator=g)
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).flatten(0, 1), labels.flatten())
+    ours = chunked_linear_cross_entropy(hidden, weight, labels, chunk=3)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    (gh_ref, gw_ref) = torch.autograd.grad(3 * ref, (hidden, weight))
+    (gh, gw) = torch.autograd.grad(3 * ours, (hidden, weight))  # the upstream gradient is honoured
+    assert torch.allclose(gh, gh_ref, atol=1e-6) and torch.allclose(gw, gw_ref, atol=1e-6)
+
+
+def test_training_curves_match_with_and_without_chunking(run_gptft, tmp_path):
+    no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
+    curves = {}
+    for chunk in (0, 50):
+        run = tmp_path / f"chunk{chunk}"
+        result = run_gptft(
+            "debug=fast",
+            "optim.lr=1e-3",
+            "trainer.precision=32-true",
+            f"model.loss_chunk={chunk}",
+            *no_dropout,
+            f"hydra.run.dir={run}",
+        )
+        assert result.returncode == 0, result.stderr[-2000:]
+        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+        acc.Reload()
+        curves[chunk] = [e.value for e in acc.Scalars("train/loss")]
+    assert len(curves[0]) == 10
+    assert curves[50] == pytest.approx(curves[0], rel=1e-4)
+
+
+def test_precision_follows_the_hardware_unless_asked():
+    assert resolve_precision("32-true", "cpu") == "32-true"
+    assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
+    assert resolve_precision("auto", "cpu") == ("bf16-mixed" if cpu_bf16_native() else "32-true")
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto", "auto") == resolve_precision("auto", "cpu")
