@@ -135,3 +135,17 @@ def test_report_of_runs_that_died(tmp_path, run_gptft, gptft_env):
         in summary
     )
     assert "optim.lr=0: no metrics.json: it stopped before training started" in summary
+
+
+def test_only_a_freezing_pair_gets_the_paired_section(tmp_path):
+    from gptft.report.collect import Run, is_paired
+
+    def run(**overrides):
+        return Run(tmp_path, overrides={"trainer.max_steps": "10", **overrides})
+
+    assert is_paired([run(freeze="none"), run(freeze="upper_qkv")])
+    assert not is_paired([run(**{"optim.lr": "1e-6"}), run(**{"optim.lr": "1e-4"})])  # an lr sweep of two
+    assert not is_paired(
+        [run(freeze="none", **{"optim.lr": "1"}), run(freeze="upper_qkv", **{"optim.lr": "2"})]
+    )
+    assert not is_paired([run(freeze="none")])

@@ -37,7 +37,8 @@ class Probes(L.Callback):
     - free generation, repeated for `seeds` seeds: `free_prompts` prompts of one uniformly random token,
       each continued by sampling; its style ratio (% of generated tokens among the training text's
       `top_k_tokens` most frequent ids), copy rate (share of generated `copy_ngram`-grams found verbatim
-      in the training text) and distinct-1/2, as mean and spread over the seeds.
+      in the training text) and distinct-1/2, as mean and spread over the seeds; plus, for every token set
+      the task names in `probe_token_sets()` (the KL study's target ids), the share of generated tokens in it.
 
     Prompts and sampling depend only on (seed, repeat), so before and after, and model A and B of a
     paired study, see the same prompts. Results go to TensorBoard (`val/*`, `probe/*`, samples as text),

@@ -89,6 +89,14 @@ def find_runs(folder: str | Path) -> list[Run]:
     return runs
 
 
+def is_paired(runs: list[Run]) -> bool:
+    """Two runs that differ only in their freeze strategy: model A and model B of a freezing study."""
+    if len(runs) != 2:
+        return False
+    keys = set(runs[0].overrides) | set(runs[1].overrides)
+    return {k for k in keys if runs[0].overrides.get(k) != runs[1].overrides.get(k)} == {"freeze"}
+
+
 def _label(runs: list[Run], folder: Path) -> None:
     """Name each run by the overrides that differ between runs (e.g. optim.lr=0.0001), else by its folder."""
     keys = sorted({k for r in runs for k in r.overrides})

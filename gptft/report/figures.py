@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from gptft.report.collect import Run  # noqa: E402
+from gptft.report.collect import Run, is_paired  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
@@ -75,7 +75,7 @@ def png_bytes(fig: Figure) -> bytes:
 
 def paired_loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
     """Loss of run B against run A at the same steps, with y = x: points below the line are steps B did better."""
-    if len(runs) != 2:
+    if not is_paired(runs):
         return None
     (steps_a, loss_a), (steps_b, loss_b) = (
         curves.get(runs[0].label, ([], [])),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptft.report.collect import Run
+from gptft.report.collect import Run, is_paired
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -55,8 +55,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
 
 
 def paired_section(runs: list[Run]) -> list[str]:
-    """Two runs (model A and model B of a paired study): the time saving r = (T_A − T_B) / T_A."""
-    if len(runs) != 2:
+    """Model A and model B of a freezing study: the time saving r = (T_A − T_B) / T_A."""
+    if not is_paired(runs):
         return []
     a, b = (r.metrics.get("time", {}) for r in runs)
     lines = ["## A and B", "", f"A = {runs[0].label}, B = {runs[1].label}.", ""]
