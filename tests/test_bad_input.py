@@ -23,6 +23,10 @@ CASES = {
     "lr not a number": (["optim.lr=fast"], "optim.lr='fast' is not a number"),
     "batch size zero": (["data.batch_size=0"], "data.batch_size=0 must be a whole number ≥ 1"),
     "window longer than context": (["data.seq_len=512"], "data.seq_len=512 is longer than the context"),
+    "unknown split": (
+        ["data.split=middle"],
+        "data.split=middle is unknown: use one of tail, head, interleaved",
+    ),
     "window longer than the test split": (["data.test_fraction=0.0001"], "does not fit in the test split"),
     "corpus path missing": (["data.path=/no/such/book.txt"], "data.path=/no/such/book.txt does not exist"),
     "empty corpus": (["data.path={bad}/empty.txt"], "is empty"),

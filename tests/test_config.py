@@ -60,7 +60,6 @@ def test_pretrained_model_configs(name):
         ("optim.lr=-1e-4", "optim.lr=-0.0001 must be > 0"),
         ("optim.lr=fast", "optim.lr='fast' is not a number"),
         ("data.batch_size=0", "data.batch_size=0 must be a whole number"),
-        ("data.split=middle", "data.split=middle is unknown"),
         ("data.test_fraction=1.5", "data.test_fraction=1.5 must lie strictly between 0 and 1"),
         ("trainer.max_steps=-1", "trainer.max_steps=-1 must be a whole number"),
     ],
