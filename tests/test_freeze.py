@@ -155,3 +155,26 @@ def test_tracker_norms_match_saved_state_dicts(run_gptft, tmp_path):
     for name, norm in last.items():
         by_hand = torch.linalg.norm(states[3][f"model.{name}"] - states[2][f"model.{name}"]).item()
         assert norm == pytest.approx(by_hand, rel=1e-4)
+
+
+def test_the_same_strategy_works_for_gpt_neo():
+    """The course's model family: q_proj/k_proj/v_proj instead of GPT-2's fused c_attn."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(
+        "gpt_neo",
+        num_layers=2,
+        hidden_size=64,
+        num_heads=2,
+        attention_types=[[["global", "local"], 1]],
+        vocab_size=50257,
+        max_position_embeddings=256,
+        window_size=32,
+    )
+    neo = AutoModelForCausalLM.from_config(config)
+    apply_freeze(neo, **_strategy("upper_qkv"))
+    assert _trainable(neo) == {f"transformer.h.1.attn.attention.{p}_proj.weight" for p in "qkv"}
+    apply_freeze(neo, **_strategy("late_attention"))
+    assert {n for n, p in neo.named_parameters() if not p.requires_grad} == {
+        n for n, _ in neo.named_parameters() if n.startswith("transformer.h.1.attn.")
+    }
