@@ -43,6 +43,18 @@ def run_gptft(gptft_env):
 
 
 @pytest.fixture(scope="session")
+def run_ok(run_gptft):
+    """`run_gptft` for runs that must succeed: a failure shows the end of stderr."""
+
+    def run(*overrides: str, **kwargs) -> subprocess.CompletedProcess:
+        result = run_gptft(*overrides, **kwargs)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result
+
+    return run
+
+
+@pytest.fixture(scope="session")
 def book_text() -> str:
     from gptft.text import load_book_text
 

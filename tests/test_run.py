@@ -18,15 +18,10 @@ SMOKE = (
 )
 
 
-def _ok(result):
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
-def scratch_run(run_gptft, tmp_path_factory):
+def scratch_run(run_ok, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "scratch"
-    result = _ok(run_gptft(*SMOKE, f"hydra.run.dir={out}"))
+    result = run_ok(*SMOKE, f"hydra.run.dir={out}")
     return out, result
 
 
@@ -94,27 +89,25 @@ def test_checkpoint_and_exported_model(scratch_run):
     assert torch.equal(model.transformer.wte.weight, ckpt["state_dict"]["model.transformer.wte.weight"])
 
 
-def test_finetune_a_saved_model_through_name_or_path(scratch_run, run_gptft, tmp_path):
+def test_finetune_a_saved_model_through_name_or_path(scratch_run, run_ok, tmp_path):
     """The pretrained path: a scratch run's hf_model is what `model.name_or_path=` fine-tunes offline."""
     first = json.loads((scratch_run[0] / "metrics.json").read_text())
     out = tmp_path / "finetune"
-    _ok(
-        run_gptft(
-            *SMOKE,
-            f"model.name_or_path={scratch_run[0] / 'hf_model'}",
-            "optim.lr=1e-4",
-            "trainer.max_steps=5",
-            f"hydra.run.dir={out}",
-        )
+    run_ok(
+        *SMOKE,
+        f"model.name_or_path={scratch_run[0] / 'hf_model'}",
+        "optim.lr=1e-4",
+        "trainer.max_steps=5",
+        f"hydra.run.dir={out}",
     )
     second = json.loads((out / "metrics.json").read_text())
     # Same test windows: the loaded model starts exactly where the first run ended (not from random init).
     assert second["before"]["val_loss"] == pytest.approx(first["after"]["val_loss"], rel=1e-5)
 
 
-def test_lr_sweep_through_hydra_multirun(run_gptft, tmp_path):
+def test_lr_sweep_through_hydra_multirun(run_ok, tmp_path):
     sweep = tmp_path / "sweep"
-    result = _ok(run_gptft("-m", "debug=fast", "optim.lr=1e-3,1e-5", f"hydra.sweep.dir={sweep}"))
+    result = run_ok("-m", "debug=fast", "optim.lr=1e-3,1e-5", f"hydra.sweep.dir={sweep}")
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
     assert [p.name for p in jobs] == ["0_optim.lr=0.001", "1_optim.lr=1e-05"], result.stdout[-2000:]
     lrs = [json.loads((p / "metrics.json").read_text())["config"]["optim"]["lr"] for p in jobs]
@@ -123,19 +116,15 @@ def test_lr_sweep_through_hydra_multirun(run_gptft, tmp_path):
     assert all(d["status"] == "completed" for d in drops)
 
 
-def test_resumed_run_continues_with_the_batches_it_would_have_seen(run_gptft, tmp_path):
+def test_resumed_run_continues_with_the_batches_it_would_have_seen(run_ok, tmp_path):
     """Stop after 3 steps, resume to 6: steps 3-5 see the same batches, so (without dropout) the same losses."""
     no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
     common = ("debug=fast", "optim.lr=1e-3", *no_dropout)
     whole, part = tmp_path / "whole", tmp_path / "part"
-    _ok(run_gptft(*common, "trainer.max_steps=6", f"hydra.run.dir={whole}"))
-    _ok(run_gptft(*common, "trainer.max_steps=3", f"hydra.run.dir={part}"))
+    run_ok(*common, "trainer.max_steps=6", f"hydra.run.dir={whole}")
+    run_ok(*common, "trainer.max_steps=3", f"hydra.run.dir={part}")
     first = json.loads((part / "metrics.json").read_text())
-    _ok(
-        run_gptft(
-            *common, "trainer.max_steps=6", f"hydra.run.dir={part}", f"ckpt_path={part}/checkpoints/last.ckpt"
-        )
-    )
+    run_ok(*common, "trainer.max_steps=6", f"hydra.run.dir={part}", f"ckpt_path={part}/checkpoints/last.ckpt")
     resumed = json.loads((part / "metrics.json").read_text())
     assert resumed["status"] == "completed" and resumed["steps"] == 6
     assert (

@@ -85,12 +85,9 @@ def apply_freeze(
     used: set[str] = set()
     for key, p in params.items():
         names = names_of[key]
-        hit_train = [n for n in names if _matches(n, train_patterns)]
-        hit_frozen = [n for n in names if _matches(n, frozen_patterns)]
-        used.update(
-            pat for pat in train_patterns + frozen_patterns for n in names if fnmatch.fnmatchcase(n, pat)
-        )
-        p.requires_grad_((trainable is None or bool(hit_train)) and not hit_frozen)
+        hits = {pat for pat in train_patterns + frozen_patterns for n in names if fnmatch.fnmatchcase(n, pat)}
+        used |= hits
+        p.requires_grad_((trainable is None or bool(hits & set(train_patterns))) and not hits & set(frozen_patterns))
         if len(names) > 1:
             state = "trains" if p.requires_grad else "is frozen"
             log.info("%s are one tied tensor: it %s as a whole", " and ".join(names), state)
