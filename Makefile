@@ -26,7 +26,10 @@ test: setup
 bench: setup
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_step.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/data.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/probes.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/weight_delta.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

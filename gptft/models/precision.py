@@ -30,3 +30,15 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     chosen = "bf16-mixed" if native else "32-true"
     log.info("trainer.precision=auto: %s on this %s", chosen, where)
     return chosen
+
+
+def set_tf32(enabled: bool) -> None:
+    """Let CUDA run fp32 matrix products and convolutions on TF32 tensor cores (Ampere and newer).
+
+    Process-wide torch flags that only CUDA kernels read: on a CPU they change nothing. Under bf16-mixed only
+    what autocast keeps in fp32 is affected; with trainer.precision=32-true it is the main lever.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
+    torch.backends.cudnn.allow_tf32 = bool(enabled)
+    if enabled:
+        log.info("model.tf32=true: CUDA fp32 matrix products may use TF32")

@@ -87,7 +87,9 @@ def apply_freeze(
         names = names_of[key]
         hits = {pat for pat in train_patterns + frozen_patterns for n in names if fnmatch.fnmatchcase(n, pat)}
         used |= hits
-        p.requires_grad_((trainable is None or bool(hits & set(train_patterns))) and not hits & set(frozen_patterns))
+        p.requires_grad_(
+            (trainable is None or bool(hits & set(train_patterns))) and not hits & set(frozen_patterns)
+        )
         if len(names) > 1:
             state = "trains" if p.requires_grad else "is frozen"
             log.info("%s are one tied tensor: it %s as a whole", " and ".join(names), state)

@@ -1,0 +1,74 @@
+"""Model FLOPs per trained token: the numerator of model FLOPs utilisation (MFU).
+
+Conventions (PaLM appendix B, nanoGPT's `estimate_mfu`), for a decoder of L blocks of width d at context T:
+
+- N counts the parameters that do matrix products. Position embeddings are left out (a table lookup, no
+  product); the token embedding is counted once, because GPT-2 ties it to the output layer, whose
+  d × vocabulary product is the largest in a small model. Biases and LayerNorms are counted (they are tiny).
+- A trained weight costs 6 FLOPs per token: 2 forward, 2 for the gradient of its input, 2 for its own gradient.
+- A frozen weight costs 4 if gradients must still flow through it to a trained weight below it (it needs no
+  gradient of its own), and 2 if nothing below it trains (forward only: no backward reaches it).
+- Attention scores and their weighted sum cost 4·d·T per token per block forward and twice that backward,
+  the backward only in the blocks that gradients reach. Causal masking is ignored, as the convention does.
+
+Everything trained gives the familiar 6·N + 12·L·d·T. Recomputation by gradient checkpointing is not counted:
+MFU measures useful model work, not hardware work.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+_BLOCK = re.compile(r"\.(\d+)\.")  # the block index in names like transformer.h.3.attn.c_attn.weight
+
+
+def flops_per_token(
+    n_trained: int,
+    n_frozen_backward: int,
+    n_frozen_forward: int,
+    n_layer: int,
+    d_model: int,
+    seq_len: int,
+    n_layer_backward: int | None = None,
+) -> float:
+    """Training FLOPs per token: 6·n_trained + 4·n_frozen_backward + 2·n_frozen_forward, plus attention
+    4·L·d·T forward and 8·L_b·d·T backward, where L_b (default all L) is the number of blocks gradients reach."""
+    l_back = n_layer if n_layer_backward is None else n_layer_backward
+    dense = 6 * n_trained + 4 * n_frozen_backward + 2 * n_frozen_forward
+    return float(dense + (4 * n_layer + 8 * l_back) * d_model * seq_len)
+
+
+def _forward_order(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """Parameters in the order the forward pass uses them, each once, position embeddings left out.
+
+    Registration order follows the forward pass in GPT-2 and GPT-Neo; the tied token embedding is moved to
+    the end, where its product (the output layer) happens.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head_weight = head.weight if head is not None else None
+    params = [(n, p) for n, p in model.named_parameters() if not n.endswith("wpe.weight")]
+    last = [(n, p) for n, p in params if p is head_weight]
+    return [(n, p) for n, p in params if p is not head_weight] + last
+
+
+def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
+    """flops_per_token for a Hugging Face causal LM as it is frozen now (`requires_grad` per parameter)."""
+    config = model.config
+    n_layer = int(getattr(config, "n_layer", None) or config.num_hidden_layers)
+    d_model = int(getattr(config, "n_embd", None) or config.hidden_size)
+    order = _forward_order(model)
+    first = next((i for i, (_, p) in enumerate(order) if p.requires_grad), len(order))
+    trained = sum(p.numel() for _, p in order if p.requires_grad)
+    forward_only = sum(p.numel() for _, p in order[:first])
+    frozen_backward = sum(p.numel() for _, p in order[first:] if not p.requires_grad)
+    if first == len(order):
+        l_back = 0
+    else:
+        block = _BLOCK.search(order[first][0])
+        # A trained parameter before the first block (embeddings) sends gradients through all of them; one after
+        # the last block (final norm, tied head) through none.
+        blocks_after = [int(m.group(1)) for n, _ in order[first:] if (m := _BLOCK.search(n))]
+        l_back = n_layer - int(block.group(1)) if block else (n_layer if blocks_after else 0)
+    return flops_per_token(trained, frozen_backward, forward_only, n_layer, d_model, seq_len, l_back)

@@ -1,0 +1,170 @@
+"""Speed and scale settings, run on the CPU: DDP over 2 processes, bf16 with torch.compile, the FLOPs count,
+the throughput monitor, and the GPU presets as they compose."""
+
+import json
+import re
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.utils import instantiate
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from transformers import AutoModelForCausalLM
+
+from gptft.data import BookWindows
+from gptft.data.windows import RandomTokens
+from gptft.models import build_model
+from gptft.models.flops import flops_per_token, model_flops_per_token
+
+from conftest import REPO
+
+# The tiny model (tests/conftest.py): 2 blocks, d 64, 4 × d MLP, context 256, GPT-2's 50,257-word vocabulary.
+TINY_WTE = 50257 * 64
+TINY_BLOCK = (
+    2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + 2 * 64 + (64 * 256 + 256) + (256 * 64 + 64)
+)  # 49,984
+TINY_N = TINY_WTE + 2 * TINY_BLOCK + 2 * 64  # + ln_f; wpe (256 × 64) left out: 3,316,544
+
+
+def test_flops_per_token_of_gpt2_small_by_hand():
+    # GPT-2 small: 124,439,808 parameters, of which wpe 1024 × 768 = 786,432 are left out.
+    n = 124_439_808 - 786_432
+    assert flops_per_token(n, 0, 0, n_layer=12, d_model=768, seq_len=1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert flops_per_token(n, 0, 0, 12, 768, 1024) == 855_166_464  # ≈ 0.86 GFLOP per token, as PaLM counts
+    # Nothing trained: the forward pass alone, 2N + 4·L·d·T.
+    assert flops_per_token(0, 0, n, 12, 768, 1024, n_layer_backward=0) == 2 * n + 4 * 12 * 768 * 1024
+
+
+def test_flops_of_the_tiny_model_as_it_is_frozen(tiny_model_dir):
+    model = build_model(name_or_path=str(tiny_model_dir))
+    assert TINY_N == 3_316_544 == sum(p.numel() for n, p in model.named_parameters() if "wpe" not in n)
+    assert model_flops_per_token(model, 64) == 6 * TINY_N + 12 * 2 * 64 * 64 == 19_997_568
+    # Train only block 1's q/k/v: block 0 and block 1's first LayerNorm see no backward (2 FLOPs per weight),
+    # the rest of block 1, the final norm and the tied output layer pass gradients down (4), c_attn trains (6);
+    # attention runs backward in block 1 only.
+    for name, p in model.named_parameters():
+        p.requires_grad = name.startswith("transformer.h.1.attn.c_attn.")
+    trained, forward_only = 64 * 192 + 192, TINY_BLOCK + 2 * 64
+    frozen_backward = TINY_N - trained - forward_only
+    expected = 6 * trained + 4 * frozen_backward + 2 * forward_only + (4 * 2 + 8 * 1) * 64 * 64
+    assert model_flops_per_token(model, 64) == expected == 13_256_448
+
+
+def test_each_rank_draws_its_slice_of_one_global_batch(data_dir):
+    data = BookWindows(seq_len=64, batch_size=4, seed=7, data_dir=str(data_dir))
+    data.setup("fit")
+    sampler = data.train_sampler
+    single = sampler.starts(3)
+    sampler.batch_size = 8  # one process, twice the batch: the reference union
+    union = sampler.starts(3)
+    sampler.batch_size, sampler.world_size = 4, 2
+    per_rank = []
+    for rank in (0, 1):
+        sampler.rank = rank
+        per_rank.append(sampler.starts(3))
+    assert torch.equal(torch.cat(per_rank), union)
+    assert torch.equal(per_rank[0], single)  # rank 0 of 2 trains what a single process at batch 4 trains
+    assert not torch.equal(per_rank[0], per_rank[1])
+    sampler.rank = 1
+    assert not torch.equal(sampler.starts(4), per_rank[1])  # and each step differs
+
+    tokens = [RandomTokens(8, 2, seed=7) for _ in range(3)]
+    tokens[0].batch_size = 4
+    for rank in (1, 2):
+        tokens[rank].rank, tokens[rank].world_size = rank - 1, 2
+    assert torch.equal(torch.cat([tokens[1].batch(5)[0], tokens[2].batch(5)[0]]), tokens[0].batch(5)[0])
+
+
+def test_ddp_on_two_cpu_processes(run_ok, tmp_path, data_dir):
+    out = tmp_path / "ddp"
+    result = run_ok(
+        "debug=fast",
+        "trainer=ddp",
+        "trainer.accelerator=cpu",
+        "trainer.devices=2",
+        "trainer.max_steps=4",
+        "eval.seeds=1",
+        "eval.free_prompts=2",
+        "callbacks.throughput.window=2",
+        "callbacks.throughput.peak_flops=1e12",
+        f"hydra.run.dir={out}",
+        timeout=240,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["steps"] == 4
+    assert metrics["precision"] == "bf16-mixed"  # trainer=ddp takes trainer=gpu's precision, here on the CPU
+    assert (out / "hf_model" / "model.safetensors").is_file() and (
+        out / "checkpoints" / "last.ckpt"
+    ).is_file()
+
+    # Each rank logged the first tokens of its slice of batch 0; together they are one process's batch of 8.
+    seen = dict(
+        re.findall(
+            r"rank (\d) of 2 \(first batch's first tokens (\[[\d, ]+\])\)", result.stdout + result.stderr
+        )
+    )
+    assert set(seen) == {"0", "1"} and seen["0"] != seen["1"]
+    data = BookWindows(seq_len=64, batch_size=8, seed=1337, data_dir=str(data_dir))
+    data.setup("fit")
+    assert json.loads(seen["0"]) + json.loads(seen["1"]) == data.train_sampler.batch(0)[0][:, 0].tolist()
+
+    # The throughput monitor: both ranks' tokens, the tiny model's FLOPs at T = 64, an MFU from peak_flops.
+    perf = metrics["perf"]
+    assert perf["flops_per_token"] == 19_997_568 and perf["windows"] == 2 and perf["peak_flops"] == 1e12
+    assert perf["tokens_per_s"] == pytest.approx(2 * perf["tokens_per_s_per_device"], rel=1e-3)
+    assert perf["samples_per_s"] * 64 == pytest.approx(perf["tokens_per_s"], rel=1e-3)
+    assert perf["mfu"] == pytest.approx(perf["tokens_per_s_per_device"] * 19_997_568 / 1e12, rel=1e-3)
+    acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    assert {"perf/tokens_per_s", "perf/samples_per_s", "perf/mfu"} <= set(acc.Tags()["scalars"])
+    assert len(acc.Scalars("perf/mfu")) == 2  # one point per window of 2 steps
+
+
+def test_bf16_and_compile_train_save_and_load(run_ok, tmp_path):
+    # torch.compile on the CPU takes tens of seconds: 2 steps, and probes that only measure the test loss.
+    out = tmp_path / "compiled"
+    run_ok(
+        "debug=fast",
+        "trainer.precision=bf16-mixed",
+        "model.compile=true",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=2",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "eval.seeds=0",
+        "eval.prompts=[]",
+        f"hydra.run.dir={out}",
+        timeout=400,
+    )
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and metrics["precision"] == "bf16-mixed"
+    assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"]
+    saved = load_file(out / "hf_model" / "model.safetensors")
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert not [k for k in [*saved, *ckpt] if "_orig_mod" in k]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, ckpt[f"model.{name}"]), name  # the export is the trained, fp32 model
+
+
+def _compose(*overrides: str):
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose("config", overrides=list(overrides))
+
+
+def test_gpu_presets_are_settings():
+    gpu = _compose("experiment=quickstart", "trainer=gpu")
+    assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
+    assert gpu.data.pin_memory is True and gpu.model.tf32 is True and gpu.trainer.max_steps == 150
+    assert _compose("trainer=gpu", "data.pin_memory=false").data.pin_memory is False
+    assert _compose("trainer=cpu").model.get("tf32") is None  # off the GPU presets, nothing changes
+
+    ddp = _compose("trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2")
+    assert (ddp.trainer.devices, ddp.trainer.num_nodes, ddp.trainer.precision) == (8, 2, "bf16-mixed")
+    strategy = instantiate(ddp.trainer.strategy)
+    assert type(strategy).__name__ == "DDPStrategy" and ddp.trainer.use_distributed_sampler is False
+
+    fsdp = instantiate(_compose("trainer=fsdp").trainer.strategy)
+    assert type(fsdp).__name__ == "FSDPStrategy" and fsdp.kwargs["use_orig_params"] is True
+    policy = fsdp.kwargs["auto_wrap_policy"]
+    assert [c.__name__ for c in policy._module_classes] == ["GPT2Block"]
