@@ -99,9 +99,14 @@ def build_model(
     arch: dict | None = None,
     attn_implementation: str = "sdpa",
     compile: bool = False,
+    gradient_checkpointing: bool = False,
     **_: Any,
 ) -> PreTrainedModel:
-    """A causal LM in fp32 (mixed precision is the trainer's job): pretrained if name_or_path, else random init."""
+    """A causal LM in fp32 (mixed precision is the trainer's job): pretrained if name_or_path, else random init.
+
+    `gradient_checkpointing` recomputes each block's activations in backward instead of keeping them (HF's
+    own switch, set on the blocks, so CausalLM's chunked loss, which calls model.base_model, gets it too).
+    """
     config = model_config(name_or_path, arch)
     if config.vocab_size < VOCAB_SIZE:
         raise ConfigError(
@@ -116,8 +121,19 @@ def build_model(
         log.info("built %s from its config, random init", config.model_type)
     # fp32 master weights; train mode, as from_pretrained leaves eval mode (dropout off) and Lightning keeps it.
     model = model.to(torch.float32).train()
+    if gradient_checkpointing:
+        # Non-reentrant: works when the inputs need no grad (token ids) and with frozen blocks. Training
+        # passes use_cache=False itself; config.use_cache stays, so the exported model still generates fast.
+        kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5 renamed the switch
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        log.info("gradient checkpointing on: activations recomputed in backward")
     if compile:
-        model.compile()  # in place: parameter names (checkpoints, save_pretrained) stay unprefixed
+        # The base model, in place: CausalLM's chunked loss calls model.base_model directly, so compiling the
+        # outer model would leave training uncompiled; in place keeps parameter names unprefixed (no _orig_mod.).
+        model.base_model.compile()
     return model
 
 

@@ -126,3 +126,18 @@ def weight_delta_figure(runs: list[Run]) -> Figure | None:
     )
     fig.tight_layout()
     return fig
+
+
+def length_histogram_figure(counts: dict[str, list[int]], title: str = "Token lengths") -> Figure:
+    """Token counts per kind (questions, answers) as overlaid density histograms, bins of 10 over 0-400."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    bins = list(range(0, 401, 10))
+    for (name, values), color in zip(counts.items(), ("#1f77b4", "#ff7f0e", "#2ca02c"), strict=False):
+        beyond = sum(v > 400 for v in values)
+        label = f"{name}s (n {len(values)}" + (f", {beyond} beyond 400 not shown)" if beyond else ")")
+        ax.hist(values, bins=bins, density=True, alpha=0.5, color=color, label=label)
+    ax.set(xlabel="tokens (GPT-2 BPE)", ylabel="density", title=title, xlim=(0, 400))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig

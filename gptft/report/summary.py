@@ -86,6 +86,44 @@ def samples_section(runs: list[Run], limit: int = 400) -> list[str]:
     return ["## Samples after training", "", *lines] if lines else []
 
 
+def lengths_section(runs: list[Run]) -> list[str]:
+    """Token lengths of the question/answer pairs and what the length limit did, for runs that have them."""
+    rows = []
+    for run in runs:
+        s = run.metrics.get("lengths")
+        if not s:
+            continue
+        for what in ("question", "answer", "row"):
+            m = s.get(what, {})
+            rows.append(
+                {
+                    "run": run.label,
+                    "tokens of": what + ("s" if what != "row" else "s (templated, after the limit)"),
+                    "count": str(m.get("count", "–")),
+                    "mean": _num(m.get("mean"), 4),
+                    "median": _num(m.get("median"), 4),
+                    "p90": _num(m.get("p90"), 4),
+                    "p99": _num(m.get("p99"), 4),
+                    "max": str(m.get("max", "–")),
+                }
+            )
+    if not rows:
+        return []
+    lines = ["## Lengths", "", markdown_table(rows), ""]
+    for run in runs:
+        s = run.metrics.get("lengths")
+        if s:
+            cut, dropped = s.get("truncated", {}), s.get("dropped", {})
+            lines.append(
+                f"- {run.label}: {s.get('source')}, data.max_length={s.get('max_length')} "
+                f"({s.get('length_policy')}): truncated {cut.get('train', 0)} train / {cut.get('test', 0)} test "
+                f"pairs, dropped {dropped.get('train', 0)} / {dropped.get('test', 0)}; trained on "
+                f"{s.get('pairs', {}).get('train')} pairs, loss on "
+                f"{'the answers only' if s.get('mask_prompt') else 'whole rows'} (histogram: lengths.png)"
+            )
+    return [*lines, ""]
+
+
 def markdown_table(rows: list[dict[str, str]]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]

@@ -21,7 +21,14 @@ from gptft.report.figures import (
     png_bytes,
     weight_delta_figure,
 )
-from gptft.report.summary import markdown_table, paired_section, problems, samples_section, summary_rows
+from gptft.report.summary import (
+    lengths_section,
+    markdown_table,
+    paired_section,
+    problems,
+    samples_section,
+    summary_rows,
+)
 from gptft.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -79,6 +86,7 @@ def _summary_text(folder: Path, runs: list[Run], missing_figures: list[str]) -> 
         "",
     ]
     lines += paired_section(runs)
+    lines += lengths_section(runs)
     lines += samples_section(runs)
     notes = problems(runs) + [f"no data for {name}.png" for name in missing_figures]
     if notes:
