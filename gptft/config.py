@@ -1,66 +1,130 @@
-"""Checks of the composed config that need no data and no weights: they run before any long work.
+"""The composed config, checked in one place before any data, weights or model: a schema of every numeric
+and choice setting, then the few checks that relate settings to each other.
 
-Settings only the data can judge (split names and sizes, the corpus) are checked by BookWindows.setup, which
-run.py calls before any weights load.
+Settings only the data or the model can judge (the corpus, split sizes, Q&A fields, the model's context, a
+checkpoint's shapes) are checked by the data module's setup and by run.py, still before training starts.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from numbers import Real
-from typing import Any
+from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gptft.errors import ConfigError
-from gptft.tasks.targets import target_distribution
 from gptft.text.tokenizer import VOCAB_SIZE
 
-
-def _number(cfg: DictConfig, key: str) -> Any:
-    from omegaconf import OmegaConf
-
-    value = OmegaConf.select(cfg, key)
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"{key}={value!r} is not a number: give e.g. {key}=1e-4")
-    return value
+_MISSING = object()
 
 
-def _positive_int(cfg: DictConfig, key: str) -> int:
-    value = _number(cfg, key)
-    if value != int(value) or value < 1:
-        raise ConfigError(f"{key}={value} must be a whole number ≥ 1")
-    return int(value)
+@dataclass(frozen=True)
+class Setting:
+    """One setting's type and range. `optional`: keys that only some configs have (e.g. only the
+    question/answer data have data.max_length)."""
+
+    key: str
+    whole: bool = False  # a whole number (a count), else any real number
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False  # the bound itself is not allowed
+    open_high: bool = False
+    example: str = ""
+    optional: bool = False
+    choices: tuple[str, ...] = ()
+
+    def check(self, cfg: DictConfig) -> None:
+        value = OmegaConf.select(cfg, self.key, default=_MISSING)
+        if value is _MISSING or value is None:
+            if self.optional:
+                return
+            raise ConfigError(f"{self.key} is not set: give e.g. {self.key}={self.example}")
+        if self.choices:
+            if value not in self.choices:
+                raise ConfigError(f"{self.key}={value} is unknown: use one of {', '.join(self.choices)}")
+            return
+        hint = f": give e.g. {self.key}={self.example}" if self.example else ""
+        if isinstance(value, bool) or not isinstance(value, Real):
+            raise ConfigError(f"{self.key}={value!r} is not a number{hint}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{self.key}={value} is not a finite number{hint}")
+        too_low = self.low is not None and (value <= self.low if self.open_low else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.open_high else value > self.high)
+        if (self.whole and value != int(value)) or too_low or too_high:
+            raise ConfigError(f"{self.key}={value} must be {self.range()}{hint}")
+
+    def range(self) -> str:
+        kind = "a whole number " if self.whole else ""
+        lo, hi = _fmt(self.low), _fmt(self.high)
+        if self.low is not None and self.high is not None:
+            strictly = "strictly " if self.open_low and self.open_high else ""
+            return f"{kind}{strictly}between {lo} and {hi}"
+        if self.low is not None:
+            return f"{kind}{'>' if self.open_low else '≥'} {lo}"
+        return f"{kind}{'<' if self.open_high else '≤'} {hi}"
+
+
+def _fmt(x: float | None) -> str:
+    return "" if x is None else f"{x:g}"
+
+
+# Every numeric or choice setting a user may type. Read top to bottom, this is the contract of the config.
+SCHEMA: tuple[Setting, ...] = (
+    Setting("seed", whole=True, low=0, example="1337"),
+    Setting("optim.lr", low=0, open_low=True, example="1e-4"),
+    Setting("optim.weight_decay", low=0, example="0.01"),
+    Setting("optim.warmup_steps", whole=True, low=0, example="100"),
+    Setting("schedule.name", choices=("constant", "cosine")),
+    Setting("schedule.min_lr_ratio", low=0, high=1, optional=True, example="0.1"),
+    Setting("data.batch_size", whole=True, low=1, example="8"),
+    Setting("data.seq_len", whole=True, low=1, optional=True, example="256"),
+    Setting("data.val_windows", whole=True, low=1, optional=True, example="32"),
+    Setting("data.test_fraction", low=0, high=1, open_low=True, open_high=True, optional=True, example="0.1"),
+    Setting("data.source", choices=("book", "random_tokens"), optional=True),
+    Setting("data.max_length", whole=True, low=1, optional=True, example="256"),
+    Setting("data.val_pairs", whole=True, low=1, optional=True, example="32"),
+    Setting("data.length_policy", choices=("truncate", "drop"), optional=True),
+    Setting("data.on_bad_line", choices=("stop", "skip"), optional=True),
+    Setting("model.loss_chunk", whole=True, low=0, example="512"),
+    Setting("trainer.max_steps", whole=True, low=1, example="100"),
+    Setting("trainer.accumulate_grad_batches", whole=True, low=1, example="4"),
+    Setting("eval.max_new_tokens", whole=True, low=1, example="100"),
+    Setting("eval.seeds", whole=True, low=0, example="3"),
+    Setting("eval.top_k_tokens", whole=True, low=1, high=VOCAB_SIZE, example="100"),
+    Setting("eval.copy_ngram", whole=True, low=1, example="8"),
+)
 
 
 def validate(cfg: DictConfig) -> None:
     """Raise ConfigError naming the first bad setting and its fix."""
-    lr = _number(cfg, "optim.lr")
-    if lr <= 0:
-        raise ConfigError(f"optim.lr={lr} must be > 0: give e.g. optim.lr=1e-4")
-    if _number(cfg, "optim.weight_decay") < 0:
-        raise ConfigError(f"optim.weight_decay={cfg.optim.weight_decay} must be ≥ 0")
-    if _number(cfg, "optim.warmup_steps") < 0:
-        raise ConfigError(f"optim.warmup_steps={cfg.optim.warmup_steps} must be ≥ 0")
-    _positive_int(cfg, "data.batch_size")
-    _positive_int(cfg, "data.seq_len")
-    _positive_int(cfg, "data.val_windows")
-    _positive_int(cfg, "trainer.max_steps")
+    for setting in SCHEMA:
+        setting.check(cfg)
     if cfg.task.get("target") is not None:
+        from gptft.tasks.targets import target_distribution
+
         target_distribution(**cfg.task.target)  # a bad pattern or α/β fails here, before any weights load
-    top = _positive_int(cfg, "eval.top_k_tokens")
-    if top > VOCAB_SIZE:
-        raise ConfigError(f"eval.top_k_tokens={top} exceeds the vocabulary size {VOCAB_SIZE}: use e.g. 100")
-    if _number(cfg, "eval.seeds") < 0:
-        raise ConfigError(f"eval.seeds={cfg.eval.seeds} must be ≥ 0 (0 turns the free-generation probe off)")
-    _positive_int(cfg, "eval.copy_ngram")
-    fraction = _number(cfg, "data.test_fraction")
-    if not 0 < fraction < 1:
-        raise ConfigError(f"data.test_fraction={fraction} must lie strictly between 0 and 1, e.g. 0.1")
+    strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default=None) or ""
+    if strategy.endswith("FSDPStrategy"):  # fail now rather than hang at the first probe
+        raise ConfigError(
+            "trainer=fsdp is not usable yet: the before/after probes and the hf_model/ export run on rank 0 and "
+            "need the sharded weights gathered first; use trainer=ddp (every GPT-2 size fits one 80 GB GPU)"
+        )
+    if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
+        raise ConfigError(
+            f"ckpt_path={cfg.ckpt_path} does not exist: give a run's checkpoints/last.ckpt, or resume=<run folder>"
+        )
 
 
-def check_context(seq_len: int, context: int, model_name: str) -> None:
+def data_length_key(cfg: DictConfig) -> str:
+    """The setting that bounds a training row: data.max_length (question/answer pairs) or data.seq_len (windows)."""
+    return "data.max_length" if "max_length" in cfg.data else "data.seq_len"
+
+
+def check_context(seq_len: int, context: int, model_name: str, key: str = "data.seq_len") -> None:
     if seq_len > context:
         raise ConfigError(
-            f"data.seq_len={seq_len} is longer than the context of {model_name} ({context} tokens): "
-            f"set data.seq_len ≤ {context}"
+            f"{key}={seq_len} is longer than the context of {model_name} ({context} tokens): "
+            f"set {key} ≤ {context}"
         )

@@ -15,7 +15,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from gptft.errors import ConfigError
+from gptft.errors import ConfigError, Interrupted, StoppedEarly
 
 log = logging.getLogger("gptft")
 
@@ -25,32 +25,51 @@ def _slug(text: str, limit: int = 100) -> str:
     return re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", text)[:limit].strip("_") or "job"
 
 
+def _first(*values: Any) -> Any:
+    """The first value that is set (the resumed run's folder, else a new timestamped one)."""
+    return next((v for v in values if v is not None), None)
+
+
+def _hydra_subdir(resume: str | None) -> str:
+    """Where Hydra keeps this invocation's config: a resumed run's own .hydra/ stays as it was started."""
+    from datetime import datetime
+
+    return ".hydra" if resume is None else f".hydra/resumed_{datetime.now():%Y-%m-%d_%H-%M-%S.%f}"
+
+
 OmegaConf.register_new_resolver("gptft_slug", _slug, replace=True)
+OmegaConf.register_new_resolver("gptft_first", _first, replace=True)
+OmegaConf.register_new_resolver("gptft_hydra_subdir", _hydra_subdir, replace=True)
 
 
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one experiment; return its metrics (what metrics.json holds)."""
+    from gptft.config import check_context, data_length_key, validate
+
+    out = Path(cfg.paths.output_dir)
+    if (out / "metrics.json").exists() and not cfg.ckpt_path:
+        raise ConfigError(f"hydra.run.dir={out} already holds a run: choose a new folder (or leave it unset)")
+    validate(cfg)  # before torch, Lightning and transformers load: a typo fails in a second
+
     import lightning as L
     from hydra.utils import instantiate
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from gptft.callbacks import RunRecord
-    from gptft.config import check_context, validate
+    from gptft.callbacks import RunRecord, SafeStop
     from gptft.models import build_model, context_length, export_hf_model, model_config
-    from gptft.models.precision import resolve_precision
+    from gptft.models.precision import resolve_precision, set_tf32
     from gptft.tasks.freezing import apply_freeze, format_freeze_table
+    from gptft.utils.checkpoint import AtomicCheckpointIO, check_resumable
     from gptft.utils.logs import quiet_lightning
     from gptft.utils.rich_tree import print_config_tree
 
     quiet_lightning()
-    out = Path(cfg.paths.output_dir)
-    if (out / "metrics.json").exists() and not cfg.ckpt_path:
-        raise ConfigError(f"hydra.run.dir={out} already holds a run: choose a new folder (or leave it unset)")
-    validate(cfg)
     print_config_tree(cfg)
     check_context(
-        cfg.data.seq_len,
+        OmegaConf.select(cfg, data_length_key(cfg)),
         context_length(model_config(cfg.model.name_or_path, cfg.model.arch)),
         cfg.model.name_or_path or "model.arch",
+        data_length_key(cfg),
     )
 
     L.seed_everything(cfg.seed, workers=True)
@@ -66,23 +85,38 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         optim=cfg.optim,
         schedule=cfg.schedule,
         loss_chunk=cfg.model.loss_chunk,
+        seed=cfg.seed,
         _convert_="all",
     )
+    check_resumable(cfg.ckpt_path, task)
 
     record = RunRecord(
         out / "metrics.json", OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.ckpt_path)
     )
     record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed, freeze=frozen)
+    if hasattr(datamodule, "metrics"):  # what the data measured at setup (InstructPairs: token lengths)
+        record.data.update(datamodule.metrics())
     callbacks = [
+        SafeStop(),  # first: it judges each step before anything records or saves it
         record,
         instantiate(cfg.eval),
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, precision=precision)
+    set_tf32(bool(cfg.model.get("tf32", False)))  # trainer=gpu turns it on; a no-op off CUDA
+    trainer = instantiate(
+        cfg.trainer,
+        callbacks=callbacks,
+        logger=loggers or False,
+        precision=precision,
+        plugins=[AtomicCheckpointIO()],
+    )
 
-    trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    except SIGTERMException:  # Lightning's own, raised when SIGTERM lands outside a training step
+        raise Interrupted("SIGTERM: stopped during validation") from None
     if trainer.is_global_zero:
         export_hf_model(task.model, out / "hf_model")
         log.info("outputs: %s  (tensorboard --logdir %s)", out, out.parent)
@@ -92,10 +126,24 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     try:
+        if cfg.resume:
+            from hydra.core.hydra_config import HydraConfig
+
+            from gptft.utils.checkpoint import resumed_config
+
+            cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         metrics = train(cfg)
     except ConfigError as e:
         print(f"gptft: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except StoppedEarly as stopped:
+        print(f"gptft: {stopped.status}: {stopped}", file=sys.stderr)
+        if (
+            isinstance(stopped, Interrupted)
+            and Path(cfg.paths.output_dir, "checkpoints", "last.ckpt").is_file()
+        ):
+            print(f"gptft: resume with: python -m gptft.run resume={cfg.paths.output_dir}", file=sys.stderr)
+        sys.exit(stopped.exit_code)
     return metrics.get("after", {}).get("val_loss")
 
 

@@ -4,6 +4,7 @@ no traceback, and nothing of an earlier run touched."""
 import json
 
 import pytest
+import torch
 
 FAST = ("debug=fast",)
 
@@ -13,6 +14,8 @@ def bad_files(tmp_path_factory):
     d = tmp_path_factory.mktemp("bad")
     (d / "empty.txt").write_text("")
     (d / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR" + bytes(range(256)))
+    # A checkpoint of another model shape (its embedding is 10 × 8, the tiny model's 50257 × 64).
+    torch.save({"state_dict": {"model.transformer.wte.weight": torch.zeros(10, 8)}}, d / "other.ckpt")
     return d
 
 
@@ -31,10 +34,13 @@ CASES = {
     "corpus path missing": (["data.path=/no/such/book.txt"], "data.path=/no/such/book.txt does not exist"),
     "empty corpus": (["data.path={bad}/empty.txt"], "is empty"),
     "binary corpus": (["data.path={bad}/image.png"], "is a binary file"),
-    "top-k tokens zero": (["eval.top_k_tokens=0"], "eval.top_k_tokens=0 must be a whole number ≥ 1"),
+    "top-k tokens zero": (
+        ["eval.top_k_tokens=0"],
+        "eval.top_k_tokens=0 must be a whole number between 1 and 50257",
+    ),
     "top-k tokens past the vocabulary": (
         ["eval.top_k_tokens=60000"],
-        "eval.top_k_tokens=60000 exceeds the vocabulary",
+        "eval.top_k_tokens=60000 must be a whole number between 1 and 50257",
     ),
     "KL pattern matching nothing": (["task=kl_target", "task.target.pattern=zzzzzzzzzz"], "matches no token"),
     "KL pattern not a regex": (
@@ -42,9 +48,54 @@ CASES = {
         "is not a valid regular expression",
     ),
     "KL alpha not above beta": (["task=kl_target", "task.target.beta=2.0"], "need alpha > beta ≥ 0"),
+    "lr not finite": (["optim.lr=nan"], "optim.lr=nan is not a finite number"),
+    "corpus missing offline": (
+        ["data.book=99999999", "data.download=false"],
+        "data.book=99999999: no local copy",
+    ),
+    "freeze pattern matching nothing": (
+        ["freeze=upper_qkv", "freeze.trainable=[*.no_such_layer.*]"],
+        "matches no parameter of this model",
+    ),
+    "freeze leaving nothing trainable": (["freeze.frozen=[*]"], "freeze=none leaves nothing trainable"),
+    "checkpoint missing": (["ckpt_path=/no/such/last.ckpt"], "ckpt_path=/no/such/last.ckpt does not exist"),
+    "checkpoint of another model": (
+        ["ckpt_path={bad}/other.ckpt"],
+        "holds another model shape (model.transformer.wte.weight is [10, 8] there, [50257, 64] here)",
+    ),
+    "resume a folder that is no run": (["resume={bad}"], "is not a run folder (no .hydra/config.yaml in it)"),
     "weights missing offline": (
         ["model=gpt2"],
         "model.name_or_path=gpt2: weights are not in the Hugging Face cache",
+    ),
+    "qa file missing": (
+        ["experiment=instruct", "data.train_file=/no/such/pairs.jsonl"],
+        "data.train_file=/no/such/pairs.jsonl does not exist",
+    ),
+    "qa line not json": (
+        ["experiment=instruct", "data.train_file=Makefile"],
+        "Makefile: line 1 is not valid JSON",
+    ),
+    "qa field missing": (
+        ["experiment=instruct", "data=dolly_open_qa", "data.text_field=null"],
+        "dolly_open_qa.jsonl line 1 has no field 'question', 'answer' (data.question_field / data.answer_field): "
+        "its fields are 'text'",
+    ),
+    "qa every pair too long": (
+        ["experiment=instruct", "data.max_length=8"],
+        "every train pair is longer than data.max_length=8",
+    ),
+    "qa max_length over the context": (
+        ["experiment=instruct", "data.max_length=2048"],
+        "data.max_length=2048 is longer than the context of model.arch (256 tokens)",
+    ),
+    "qa hugging face dataset offline": (
+        ["experiment=instruct", "data=webglm_qa"],
+        "data.hf_dataset=THUDM/webglm-qa: ",
+    ),
+    "qa unknown length policy": (
+        ["experiment=instruct", "data.length_policy=cut"],
+        "data.length_policy=cut is unknown: use one of truncate, drop",
     ),
 }
 

@@ -60,7 +60,14 @@ def test_pretrained_model_configs(name):
         ("optim.lr=-1e-4", "optim.lr=-0.0001 must be > 0"),
         ("optim.lr=fast", "optim.lr='fast' is not a number"),
         ("data.batch_size=0", "data.batch_size=0 must be a whole number"),
-        ("data.test_fraction=1.5", "data.test_fraction=1.5 must lie strictly between 0 and 1"),
+        ("data.test_fraction=1.5", "data.test_fraction=1.5 must be strictly between 0 and 1"),
+        ("optim.lr=inf", "optim.lr=inf is not a finite number"),
+        ("schedule.name=linear", "schedule.name=linear is unknown: use one of constant, cosine"),
+        ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number ≥ 1"),
+        ("eval.seeds=1.5", "eval.seeds=1.5 must be a whole number ≥ 0"),
+        ("+data.max_length=0", "data.max_length=0 must be a whole number ≥ 1"),
+        ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt does not exist"),
+        ("trainer=fsdp", "trainer=fsdp is not usable yet"),
         ("trainer.max_steps=-1", "trainer.max_steps=-1 must be a whole number"),
     ],
 )
@@ -74,3 +81,17 @@ def test_every_experiment_validates():
     for path in Path(CONF, "experiment").glob("*.yaml"):
         validate(_compose(f"experiment={path.stem}"))
     assert OmegaConf.select(_compose(), "experiment_name") == "default"
+
+
+def test_every_schema_setting_is_a_real_key():
+    """The schema names keys that exist: each appears in some experiment or data option."""
+    from gptft.config import SCHEMA
+
+    configs = [_compose(f"experiment={p.stem}") for p in Path(CONF, "experiment").glob("*.yaml")]
+    configs += [
+        _compose(f"{group}={p.stem}")
+        for group in ("data", "schedule")
+        for p in Path(CONF, group).glob("*.yaml")
+    ]
+    for setting in SCHEMA:
+        assert any(OmegaConf.select(c, setting.key) is not None for c in configs), setting.key

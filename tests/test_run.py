@@ -114,23 +114,3 @@ def test_lr_sweep_through_hydra_multirun(run_ok, tmp_path):
     assert lrs == [1e-3, 1e-5]
     drops = [json.loads((p / "metrics.json").read_text()) for p in jobs]
     assert all(d["status"] == "completed" for d in drops)
-
-
-def test_resumed_run_continues_with_the_batches_it_would_have_seen(run_ok, tmp_path):
-    """Stop after 3 steps, resume to 6: steps 3-5 see the same batches, so (without dropout) the same losses."""
-    no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
-    common = ("debug=fast", "optim.lr=1e-3", *no_dropout)
-    whole, part = tmp_path / "whole", tmp_path / "part"
-    run_ok(*common, "trainer.max_steps=6", f"hydra.run.dir={whole}")
-    run_ok(*common, "trainer.max_steps=3", f"hydra.run.dir={part}")
-    first = json.loads((part / "metrics.json").read_text())
-    run_ok(*common, "trainer.max_steps=6", f"hydra.run.dir={part}", f"ckpt_path={part}/checkpoints/last.ckpt")
-    resumed = json.loads((part / "metrics.json").read_text())
-    assert resumed["status"] == "completed" and resumed["steps"] == 6
-    assert (
-        resumed["before"] == first["before"]
-        and resumed["train"]["loss_first"] == first["train"]["loss_first"]
-    )
-    losses = {run: [e.value for e in _scalars(run).Scalars("train/loss")] for run in (whole, part)}
-    assert len(losses[part]) == 6  # both sessions' curves in one event folder
-    assert losses[part][3:] == pytest.approx(losses[whole][3:], rel=1e-5)

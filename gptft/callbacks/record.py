@@ -13,14 +13,26 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from gptft.errors import StoppedEarly
 from gptft.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
 
 
+def status_of(exception: BaseException) -> str:
+    """metrics.json's status for a run that ended with `exception`."""
+    if isinstance(exception, StoppedEarly):
+        return exception.status
+    if isinstance(exception, KeyboardInterrupt | SIGTERMException):
+        return "interrupted"
+    return "failed"
+
+
 class RunRecord(L.Callback):
-    """Keeps metrics.json current: "running" at fit start, then "completed", "interrupted" or "failed".
+    """Keeps metrics.json current: "running" at fit start, then "completed", "interrupted", "diverged" or
+    "failed".
 
     Train losses are kept as detached tensors and read once at the end, so recording adds no device sync
     to the training step.
@@ -99,6 +111,10 @@ class RunRecord(L.Callback):
             self._gather_and_write(trainer)  # progress on disk at every validation
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._summarise(trainer)
+
+    def _summarise(self, trainer: L.Trainer) -> None:
+        """The train losses, step count, timings and data fingerprint so far (at the end, or at a stop)."""
         if self._losses:
             losses = torch.stack(self._losses).float().cpu()
             first = self.data.get("train", {}).get("loss_first", losses[0].item())
@@ -129,8 +145,8 @@ class RunRecord(L.Callback):
     def on_exception(
         self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException
     ) -> None:
-        interrupted = isinstance(exception, KeyboardInterrupt)
-        self.data["status"] = "interrupted" if interrupted else "failed"
+        self._summarise(trainer)
+        self.data["status"] = status_of(exception)
         self.data["error"] = f"{type(exception).__name__}: {exception}"
         self._finish(trainer)
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from gptft.errors import ConfigError
 from gptft.models.chunked_loss import chunked_linear_cross_entropy
+from gptft.utils.seeding import derive_seed
 
 IGNORE_INDEX = -100  # labels with this value (padding, masked prompts) never count in the loss
 
@@ -48,17 +49,18 @@ class CausalLM(L.LightningModule):
         optim: Mapping[str, Any],
         schedule: Mapping[str, Any],
         loss_chunk: int = 0,
+        seed: int = 0,
     ):
         super().__init__()
         self.model = model
         self.save_hyperparameters(
-            {"optim": dict(optim), "schedule": dict(schedule), "loss_chunk": loss_chunk}
+            {"optim": dict(optim), "schedule": dict(schedule), "loss_chunk": loss_chunk, "seed": seed}
         )
         head = model.get_output_embeddings()
         # The chunked loss needs a bias-free linear head (GPT-2, GPT-Neo); others keep the standard path.
         self.loss_chunk = loss_chunk if isinstance(head, torch.nn.Linear) and head.bias is None else 0
         self._val_sum = torch.zeros(())
-        self._val_count = 0
+        self._val_count = torch.zeros(())
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
@@ -84,6 +86,14 @@ class CausalLM(L.LightningModule):
         """Token-id sets whose share of generated tokens the probes should report (none for plain LM)."""
         return {}
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # Dropout draws from the global RNG. Seeding it from (seed, micro-step, rank) makes its masks, like
+        # the batches, a pure function of the step: a resumed run draws exactly what the uninterrupted run
+        # drew, with no RNG state to save, and DDP ranks draw different masks.
+        accumulate = self.trainer.accumulate_grad_batches
+        micro_step = self.trainer.global_step * accumulate + batch_idx % accumulate
+        torch.manual_seed(derive_seed(self.hparams.seed, micro_step, f"dropout-rank{self.global_rank}"))
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, extras = self.compute_loss(batch)
         batch_size = batch[0].size(0)
@@ -92,18 +102,20 @@ class CausalLM(L.LightningModule):
             self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
         return loss
 
-    # Validation is reduced by hand (a batch-size weighted mean) so that probes outside Lightning's
-    # loop (`evaluate`) and the loop itself share one computation.
+    # Validation is reduced by hand, so that probes outside Lightning's loop (`evaluate`) and the loop
+    # itself share one computation: a mean over the labelled tokens, so batches of masked rows of different
+    # lengths (question/answer pairs) weigh by what they hold. Sums stay on the device until the end.
     def on_validation_epoch_start(self) -> None:
-        self._val_sum, self._val_count = torch.zeros((), device=self.device), 0
+        self._val_sum = torch.zeros((), device=self.device)
+        self._val_count = torch.zeros((), device=self.device)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        n = batch[0].size(0)
+        n = (batch[1] != IGNORE_INDEX).sum()
         self._val_sum = self._val_sum + self.compute_loss(batch)[0].detach().float() * n
-        self._val_count += n
+        self._val_count = self._val_count + n
 
     def val_loss(self) -> float:
-        return (self._val_sum / max(1, self._val_count)).item()
+        return (self._val_sum / self._val_count.clamp(min=1)).item()
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.loss_metrics(self.val_loss())

@@ -26,8 +26,9 @@ class KLTarget(CausalLM):
         schedule: Mapping[str, Any],
         target: Mapping[str, Any],
         loss_chunk: int = 0,  # accepted for a uniform interface; this loss keeps full logits (see compute_loss)
+        seed: int = 0,
     ):
-        super().__init__(model, optim, schedule, loss_chunk=0)
+        super().__init__(model, optim, schedule, loss_chunk=0, seed=seed)
         self.save_hyperparameters({"target": dict(target)})
         p_target, ids = target_distribution(**target)
         self.register_buffer("p_target", p_target, persistent=False)

@@ -14,8 +14,10 @@ import re
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from gptft.errors import ConfigError
 from gptft.utils.io import atomic_write_bytes
@@ -128,6 +130,8 @@ def load_book_text(
 
 def load_book_tokens(text: str, cache_dir: str | Path | None = None) -> torch.Tensor:
     """GPT-2 token ids of `text` as a 1-D int64 tensor, cached on disk under the text's sha256."""
+    import torch  # here, not at the top: the config checks import this package and must stay light
+
     from gptft.text.tokenizer import gpt2_encoding
 
     digest = hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]

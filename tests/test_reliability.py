@@ -1,0 +1,127 @@
+"""Losing nothing: exact resume after a SIGKILL, Ctrl-C/SIGTERM stops, same seed same curve, a diverging run."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gptft.utils.checkpoint import AtomicCheckpointIO
+
+from conftest import REPO
+
+# The tiny model with its default dropout (0.1): exact resume must restore the dropout masks too.
+RUN = ("debug=fast", "optim.lr=1e-3", "trainer.max_steps=16", "callbacks.checkpoint.every_n_train_steps=4")
+
+
+def train_losses(run_dir) -> dict[int, float]:
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {e.step: e.value for e in acc.Scalars("train/loss")}
+
+
+def final_weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "hf_model" / "model.safetensors")
+
+
+def start(gptft_env, *overrides: str, log) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gptft.run", *overrides], cwd=REPO, env=gptft_env, stdout=log, stderr=log
+    )
+
+
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert proc.poll() is None, "the run ended before the condition held"
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+def metrics(run_dir) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(run_ok, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rel") / "whole"
+    run_ok(*RUN, f"hydra.run.dir={out}")
+    return out
+
+
+def test_same_seed_same_curve(uninterrupted, run_ok, tmp_path):
+    again = tmp_path / "again"
+    run_ok(*RUN, f"hydra.run.dir={again}")
+    assert train_losses(again) == train_losses(uninterrupted)  # exactly, dropout included
+    assert metrics(again)["after"]["val_loss"] == metrics(uninterrupted)["after"]["val_loss"]
+
+
+def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, run_ok, gptft_env, tmp_path):
+    killed = tmp_path / "killed"
+    with open(tmp_path / "killed.log", "w") as log:
+        proc = start(gptft_env, *RUN, f"hydra.run.dir={killed}", log=log)
+        wait_for((killed / "checkpoints" / "last.ckpt").is_file, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    saved = torch.load(killed / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert 4 <= saved["global_step"] < 16 and metrics(killed)["status"] == "running"  # killed mid-run
+
+    result = run_ok(f"resume={killed}")  # the shortcut: the run's own settings, in its own folder
+    assert metrics(killed)["status"] == "completed" and metrics(killed)["steps"] == 16
+    assert f"training batches {saved['global_step']} to 15" in result.stderr + result.stdout
+    assert train_losses(killed) == train_losses(uninterrupted)  # all 16 steps, bit for bit
+    whole, resumed = final_weights(uninterrupted), final_weights(killed)
+    assert whole.keys() == resumed.keys()
+    assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_ends_the_step_saves_and_says_how_to_resume(sig, gptft_env, tmp_path):
+    out = tmp_path / "run"
+    with open(tmp_path / "run.log", "w") as log:
+        proc = start(gptft_env, "debug=fast", "trainer.max_steps=100000", f"hydra.run.dir={out}", log=log)
+        wait_for(lambda: (out / "metrics.json").is_file() and metrics(out).get("before"), proc)
+        proc.send_signal(sig)
+        returncode = proc.wait(timeout=120)
+    stderr = (tmp_path / "run.log").read_text()
+    assert returncode == 130, stderr[-2000:]
+    assert f"gptft: resume with: python -m gptft.run resume={out}" in stderr
+    assert "Traceback" not in stderr
+    record = metrics(out)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert record["status"] == "interrupted" and record["steps"] == ckpt["global_step"] >= 1
+    assert record["steps"] < 100000 and "before" in record and "after" not in record
+
+
+def test_a_diverging_run_stops_and_keeps_the_checkpoint_before_it(run_gptft, tmp_path):
+    out = tmp_path / "run"
+    result = run_gptft(
+        "debug=fast", "optim.lr=1e12", "callbacks.checkpoint.every_n_train_steps=1", f"hydra.run.dir={out}"
+    )
+    assert result.returncode == 3 and "Traceback" not in result.stderr
+    line = next(x for x in result.stderr.splitlines() if x.startswith("gptft: diverged"))
+    assert "train/loss is nan at step" in line and "(lr 1e+12)" in line and "lower optim.lr" in line
+    record = metrics(out)
+    assert record["status"] == "diverged" and record["steps"] < 10
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] < record["steps"] + 1
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
+    path = tmp_path / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"global_step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+    with pytest.raises(Exception):  # noqa: B017 (pickling a lambda fails half-way through the write)
+        io.save_checkpoint({"global_step": 2, "w": torch.zeros(3), "bad": lambda: None}, path)
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
+    assert torch.load(path, weights_only=True)["global_step"] == 1
