@@ -10,12 +10,12 @@ layers, d 256) on the same batch. Prints a table and writes outputs/benchmarks/d
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from gptft.utils.io import atomic_write_json
 
 SEQ, REPEATS, STEPS = 256, 5, 200
 BATCHES = (16, 256)
@@ -130,22 +130,18 @@ def main() -> None:
     )
     best = max(medians[f"sampler B=256 threads={t}"] for t in (threads, 1))
     print(f"sampler at batch 256: {best:.3g} windows/s at its best thread count (target ≥ 1e5)")
-    out = Path("outputs/benchmarks/data.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "seq_len": SEQ,
-                "repeats": rates,
-                "medians_windows_per_s": medians,
-                "ratios": ratios,
-                "data_wait_s": wait,
-                "step_s": step,
-                "data_wait_share": share,
-                "threads": threads,
-            },
-            indent=2,
-        )
+    atomic_write_json(
+        "outputs/benchmarks/data.json",
+        {
+            "seq_len": SEQ,
+            "repeats": rates,
+            "medians_windows_per_s": medians,
+            "ratios": ratios,
+            "data_wait_s": wait,
+            "step_s": step,
+            "data_wait_share": share,
+            "threads": threads,
+        },
     )
 
 

@@ -9,12 +9,13 @@ Prints a table and writes outputs/benchmarks/memory.json.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from gptft.utils.io import atomic_write_json
 
 SHORT = ("trainer.val_check_interval=1000", "eval.seeds=1", "eval.free_prompts=2", "data.val_windows=4")
 VARIANTS = {
@@ -72,11 +73,8 @@ def main() -> None:
     for size in ("small, batch 32 × 128, 3 steps", "tiny, batch 16 × 256, 3 steps"):
         saved = peaks[size] - peaks[f"{size}, gradient checkpointing"]
         print(f"gradient checkpointing saves {saved:.0f} MB on '{size}'")
-    out = Path("outputs/benchmarks/memory.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps({"peak_rss_mb": peaks, "overrides": {k: list(v) for k, v in VARIANTS.items()}}, indent=2)
-    )
+    overrides = {k: list(v) for k, v in VARIANTS.items()}
+    atomic_write_json("outputs/benchmarks/memory.json", {"peak_rss_mb": peaks, "overrides": overrides})
 
 
 if __name__ == "__main__":

@@ -10,12 +10,12 @@ outputs/benchmarks/probes.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
+
+from gptft.utils.io import atomic_write_json
 
 ARCH = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 128}
 PROMPTS, NEW, REPEATS = 10, 100, 5
@@ -67,22 +67,18 @@ def main() -> None:
         f"\nKV-cached batched generation is {ratio:.1f}× faster than full recomputation (median of the repeats' "
         f"ratios {', '.join(f'{r:.1f}' for r in ratios)}; target ≥ 5×)"
     )
-    out = Path("outputs/benchmarks/probes.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "arch": ARCH,
-                "prompts": PROMPTS,
-                "new_tokens": NEW,
-                "repeats": times,
-                "medians_s": medians,
-                "speedup": ratio,
-                "speedup_per_repeat": ratios,
-                "threads": torch.get_num_threads(),
-            },
-            indent=2,
-        )
+    atomic_write_json(
+        "outputs/benchmarks/probes.json",
+        {
+            "arch": ARCH,
+            "prompts": PROMPTS,
+            "new_tokens": NEW,
+            "repeats": times,
+            "medians_s": medians,
+            "speedup": ratio,
+            "speedup_per_repeat": ratios,
+            "threads": torch.get_num_threads(),
+        },
     )
 
 

@@ -8,7 +8,6 @@ fresh subprocess. Prints a table and writes outputs/benchmarks/train_step.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from gptft.utils.io import atomic_write_json
 
 ARCH = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}
 BATCH, SEQ, WARMUP, STEPS, REPEATS = 8, 256, 2, 8, 3
@@ -195,12 +196,9 @@ def main() -> None:
         f"chunked {memory['chunked (512 rows)']:.0f} MB, ratio {ratio:.2f} (target ≤ 0.6)"
     )
     print(f"threads={torch.get_num_threads()}")
-    out = Path("outputs/benchmarks/train_step.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"repeats": times, "medians": medians, "memory_mb": memory, "memory_ratio": ratio}, indent=2
-        )
+    atomic_write_json(
+        "outputs/benchmarks/train_step.json",
+        {"repeats": times, "medians": medians, "memory_mb": memory, "memory_ratio": ratio},
     )
 
 

@@ -7,7 +7,6 @@ outputs/benchmarks/weight_delta.json.
 
 from __future__ import annotations
 
-import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -20,6 +19,7 @@ from gptft.callbacks import RunRecord, WeightDelta
 from gptft.data import BookWindows
 from gptft.models import build_model
 from gptft.tasks import CausalLM
+from gptft.utils.io import atomic_write_json
 from gptft.utils.logs import quiet_lightning
 
 TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256}
@@ -78,20 +78,16 @@ def main() -> None:
     work = tracker_work_s(build_model(arch=TINY))
     share = work / medians["without tracker"]
     print(f"tracker work alone: {1e3 * work:.3f} ms per step = {100 * share:.2f}% of the median step")
-    out = Path("outputs/benchmarks/weight_delta.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "steps": STEPS,
-                "repeats": times,
-                "medians": medians,
-                "ratio": ratio,
-                "work_s": work,
-                "work_share": share,
-            },
-            indent=2,
-        )
+    atomic_write_json(
+        "outputs/benchmarks/weight_delta.json",
+        {
+            "steps": STEPS,
+            "repeats": times,
+            "medians": medians,
+            "ratio": ratio,
+            "work_s": work,
+            "work_share": share,
+        },
     )
 
 

@@ -28,14 +28,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def check_resumable(ckpt_path: str | None, model: torch.nn.Module) -> None:
-    """Fail with one line before training when `ckpt_path` is missing or holds another model's weights."""
+    """Fail with one line before training when `ckpt_path` is no checkpoint or holds another model's weights."""
     if not ckpt_path:
         return
-    path = Path(ckpt_path)
-    if not path.is_file():
-        raise ConfigError(
-            f"ckpt_path={ckpt_path} does not exist: give a run's checkpoints/last.ckpt, or resume=<run folder>"
-        )
+    path = Path(ckpt_path)  # its existence is checked with the config (gptft.config.validate)
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     except Exception as e:  # a truncated or foreign file: say so instead of a pickle traceback
