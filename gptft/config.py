@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from numbers import Real
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -18,6 +19,17 @@ from gptft.errors import ConfigError
 from gptft.text.tokenizer import VOCAB_SIZE
 
 _MISSING = object()
+
+# The choices of the data settings; the data modules check against the same tuples when built from Python.
+SPLITS = ("tail", "head", "interleaved")
+SOURCES = ("book", "random_tokens")
+LENGTH_POLICIES = ("truncate", "drop")
+ON_BAD_LINE = ("stop", "skip")
+
+
+def check_choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}={value} is unknown: use one of {', '.join(choices)}")
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,7 @@ class Setting:
                 return
             raise ConfigError(f"{self.key} is not set: give e.g. {self.key}={self.example}")
         if self.choices:
-            if value not in self.choices:
-                raise ConfigError(f"{self.key}={value} is unknown: use one of {', '.join(self.choices)}")
+            check_choice(self.key, value, self.choices)
             return
         hint = f": give e.g. {self.key}={self.example}" if self.example else ""
         if isinstance(value, bool) or not isinstance(value, Real):
@@ -82,11 +93,12 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("data.seq_len", whole=True, low=1, optional=True, example="256"),
     Setting("data.val_windows", whole=True, low=1, optional=True, example="32"),
     Setting("data.test_fraction", low=0, high=1, open_low=True, open_high=True, optional=True, example="0.1"),
-    Setting("data.source", choices=("book", "random_tokens"), optional=True),
+    Setting("data.split", choices=SPLITS, optional=True),
+    Setting("data.source", choices=SOURCES, optional=True),
     Setting("data.max_length", whole=True, low=1, optional=True, example="256"),
     Setting("data.val_pairs", whole=True, low=1, optional=True, example="32"),
-    Setting("data.length_policy", choices=("truncate", "drop"), optional=True),
-    Setting("data.on_bad_line", choices=("stop", "skip"), optional=True),
+    Setting("data.length_policy", choices=LENGTH_POLICIES, optional=True),
+    Setting("data.on_bad_line", choices=ON_BAD_LINE, optional=True),
     Setting("model.loss_chunk", whole=True, low=0, example="512"),
     Setting("trainer.max_steps", whole=True, low=1, example="100"),
     Setting("trainer.accumulate_grad_batches", whole=True, low=1, example="4"),

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from gptft.config import LENGTH_POLICIES, ON_BAD_LINE, check_choice
 from gptft.data.windows import step_loader
 from gptft.errors import ConfigError
 from gptft.tasks.causal_lm import IGNORE_INDEX  # the label CausalLM's loss skips
@@ -31,8 +32,6 @@ from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-POLICIES = ("truncate", "drop")
-ON_BAD_LINE = ("stop", "skip")
 OFFLINE_CHOICES = "data=gsm8k or data=dolly_open_qa (offline copies), or data.train_file=FILE"
 Record = tuple[str, dict[str, Any]]  # (where it came from, e.g. "file.jsonl line 3"; the fields)
 
@@ -379,14 +378,8 @@ class InstructPairs(L.LightningDataModule):
 
     def _check_settings(self) -> None:
         h = self.hparams
-        if h.length_policy not in POLICIES:
-            raise ConfigError(
-                f"data.length_policy={h.length_policy} is unknown: use one of {', '.join(POLICIES)}"
-            )
-        if h.on_bad_line not in ON_BAD_LINE:
-            raise ConfigError(
-                f"data.on_bad_line={h.on_bad_line} is unknown: use one of {', '.join(ON_BAD_LINE)}"
-            )
+        check_choice("data.length_policy", h.length_policy, LENGTH_POLICIES)
+        check_choice("data.on_bad_line", h.on_bad_line, ON_BAD_LINE)
         if h.text_field and not h.split_marker:
             raise ConfigError(
                 f"data.text_field={h.text_field} needs data.split_marker (the text between question and "

@@ -21,6 +21,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from gptft.config import SOURCES, SPLITS, check_choice
 from gptft.errors import ConfigError
 from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
 from gptft.text.tokenizer import VOCAB_SIZE
@@ -28,8 +29,6 @@ from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("tail", "head", "interleaved")
-SOURCES = ("book", "random_tokens")
 Segments = list[tuple[int, int]]
 
 
@@ -42,21 +41,19 @@ def split_segments(
     interleaved: about n_test / block_len test blocks of equal length, centred at even intervals, so both
     parts span the whole book and the test share is exactly `test_fraction`.
     """
+    check_choice("data.split", split, SPLITS)
     n_test = int(round(n_tokens * test_fraction))
     if split == "tail":
         return [(0, n_tokens - n_test)], [(n_tokens - n_test, n_tokens)]
     if split == "head":
         return [(n_test, n_tokens)], [(0, n_test)]
-    if split == "interleaved":
-        k = max(1, round(n_test / block_len))
-        edges = [
-            round((i + 0.5) * n_tokens / k + side * n_test / (2 * k)) for i in range(k) for side in (-1, 1)
-        ]
-        test = list(zip(edges[0::2], edges[1::2], strict=True))
-        bounds = [0, *edges, n_tokens]
-        train = [(a, b) for a, b in zip(bounds[0::2], bounds[1::2], strict=True) if b > a]
-        return train, test
-    raise ConfigError(f"data.split={split} is unknown: use one of {', '.join(SPLITS)}")
+    # interleaved
+    k = max(1, round(n_test / block_len))
+    edges = [round((i + 0.5) * n_tokens / k + side * n_test / (2 * k)) for i in range(k) for side in (-1, 1)]
+    test = list(zip(edges[0::2], edges[1::2], strict=True))
+    bounds = [0, *edges, n_tokens]
+    train = [(a, b) for a, b in zip(bounds[0::2], bounds[1::2], strict=True) if b > a]
+    return train, test
 
 
 class WindowSampler:
@@ -231,10 +228,9 @@ class BookWindows(L.LightningDataModule):
                     f"with data.split={h.split}, data.test_fraction={h.test_fraction}): lower data.seq_len "
                     "or change the split"
                 )
+        check_choice("data.source", h.source, SOURCES)
         if h.source == "random_tokens":
             self.train_sampler = RandomTokens(h.seq_len, h.batch_size, h.seed)
-        elif h.source != "book":
-            raise ConfigError(f"data.source={h.source} is unknown: use one of {', '.join(SOURCES)}")
         log.info(
             "%d tokens: train %d, test %d (split=%s); windows of %d tokens, batch %d",
             len(self.tokens),
