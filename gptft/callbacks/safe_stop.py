@@ -40,6 +40,7 @@ class SafeStop(L.Callback):
         self._previous: Any = None
         self._first_bad: torch.Tensor | None = None  # step of the first non-finite loss, -1 while none
         self._bad_loss: torch.Tensor | None = None
+        self._flush_due = False  # a checkpoint was written since the loggers last flushed
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._first_bad = torch.tensor(-1, device=pl_module.device)
@@ -80,8 +81,23 @@ class SafeStop(L.Callback):
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         self._check(trainer)  # raising here aborts the write: last.ckpt keeps the last good weights
-        for logger in trainer.loggers:
-            logger.save()  # the curves up to a checkpoint survive a kill, as the checkpoint does
+        self._flush_due = True
+
+    # Lightning logs a step's scalars after its on_train_batch_end, where checkpoints are written: flush the
+    # curves at the next hook instead, so what a kill loses is what the resumed run logs again.
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        self._flush_loggers(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._flush_loggers(trainer)
+
+    def _flush_loggers(self, trainer: L.Trainer) -> None:
+        if self._flush_due:
+            self._flush_due = False
+            for logger in trainer.loggers:
+                logger.save()
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._check(trainer)  # before the "after" probes and the export
