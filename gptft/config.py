@@ -118,10 +118,11 @@ def validate(cfg: DictConfig) -> None:
 
         target_distribution(**cfg.task.target)  # a bad pattern or α/β fails here, before any weights load
     strategy = OmegaConf.select(cfg, "trainer.strategy._target_", default=None) or ""
-    if strategy.endswith("FSDPStrategy"):  # fail now rather than hang at the first probe
+    parts = list(OmegaConf.select(cfg, "freeze.qkv_parts", default=None) or ["q", "k", "v"])
+    if strategy.endswith("FSDP2Strategy") and sorted(parts) != ["k", "q", "v"]:
         raise ConfigError(
-            "trainer=fsdp is not usable yet: the before/after probes and the hf_model/ export run on rank 0 and "
-            "need the sharded weights gathered first; use trainer=ddp (every GPT-2 size fits one 80 GB GPU)"
+            f"freeze.qkv_parts={parts} masks gradients with hooks that FSDP's sharded parameters do not run: "
+            "use trainer=ddp for a partial q/k/v freeze"
         )
     if cfg.get("ckpt_path") and not Path(cfg.ckpt_path).is_file():
         raise ConfigError(

@@ -58,6 +58,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from gptft.callbacks import RunRecord, SafeStop
     from gptft.models import build_model, context_length, export_hf_model, model_config
     from gptft.models.precision import resolve_precision, set_tf32
+    from gptft.models.sharding import full_weights, unsharded_copy
     from gptft.tasks.freezing import apply_freeze, format_freeze_table
     from gptft.utils.checkpoint import AtomicCheckpointIO, check_resumable
     from gptft.utils.logs import quiet_lightning
@@ -117,8 +118,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except SIGTERMException:  # Lightning's own, raised when SIGTERM lands outside a training step
         raise Interrupted("SIGTERM: stopped during validation") from None
+    weights = full_weights(task.model, trainer.strategy)  # trainer=fsdp: every rank joins the gather
     if trainer.is_global_zero:
-        export_hf_model(task.model, out / "hf_model")
+        model = task.model if weights is None else unsharded_copy(task.model, weights)
+        export_hf_model(model, out / "hf_model")
         log.info("outputs: %s  (tensorboard --logdir %s)", out, out.parent)
     return record.data
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
+from lightning.pytorch.strategies import ModelParallelStrategy
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM
@@ -25,6 +26,9 @@ TINY_BLOCK = (
     2 * 64 + (64 * 192 + 192) + (64 * 64 + 64) + 2 * 64 + (64 * 256 + 256) + (256 * 64 + 64)
 )  # 49,984
 TINY_N = TINY_WTE + 2 * TINY_BLOCK + 2 * 64  # + ln_f; wpe (256 × 64) left out: 3,316,544
+# Block 0 frozen with the embeddings below it training: its weights pass gradients down (4 FLOPs), the rest
+# trains (6), attention runs backward in both blocks.
+TINY_FLOPS_BLOCK0_FROZEN = 6 * (TINY_N - TINY_BLOCK) + 4 * TINY_BLOCK + 12 * 2 * 64 * 64  # 19,897,600
 
 
 def test_flops_per_token_of_gpt2_small_by_hand():
@@ -49,6 +53,11 @@ def test_flops_of_the_tiny_model_as_it_is_frozen(tiny_model_dir):
     frozen_backward = TINY_N - trained - forward_only
     expected = 6 * trained + 4 * frozen_backward + 2 * forward_only + (4 * 2 + 8 * 1) * 64 * 64
     assert model_flops_per_token(model, 64) == expected == 13_256_448
+    # Block 0 frozen, everything else trains: the token embedding is the output layer too, but as the input
+    # lookup it still needs gradients through block 0.
+    for name, p in model.named_parameters():
+        p.requires_grad = not name.startswith("transformer.h.0.")
+    assert model_flops_per_token(model, 64) == TINY_FLOPS_BLOCK0_FROZEN == 19_897_600
 
 
 def test_each_rank_draws_its_slice_of_one_global_batch(data_dir):
@@ -76,21 +85,37 @@ def test_each_rank_draws_its_slice_of_one_global_batch(data_dir):
     assert torch.equal(torch.cat([tokens[1].batch(5)[0], tokens[2].batch(5)[0]]), tokens[0].batch(5)[0])
 
 
-def test_ddp_on_two_cpu_processes(run_ok, tmp_path, data_dir):
-    out = tmp_path / "ddp"
-    result = run_ok(
-        "debug=fast",
-        "trainer=ddp",
-        "trainer.accelerator=cpu",
-        "trainer.devices=2",
-        "trainer.max_steps=4",
-        "eval.seeds=1",
-        "eval.free_prompts=2",
-        "callbacks.throughput.window=2",
-        "callbacks.throughput.peak_flops=1e12",
-        f"hydra.run.dir={out}",
-        timeout=240,
-    )
+# Two CPU processes (gloo), 4 steps. Block 0 is frozen, so the runs also show that frozen weights stay put,
+# and the weight-change tracker follows every attention matrix; the embeddings, tied to the head, train.
+PARALLEL = (
+    "debug=fast",
+    "trainer.accelerator=cpu",
+    "trainer.devices=2",
+    "trainer.max_steps=4",
+    "eval.seeds=1",
+    "eval.free_prompts=2",
+    "callbacks=weight_delta",
+    "callbacks.throughput.window=2",
+    "callbacks.throughput.peak_flops=1e12",
+    "freeze.frozen=[transformer.h.0.*]",
+)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(run_gptft, tmp_path_factory):
+    """trainer=ddp on PARALLEL: (run folder, the process's stdout + stderr)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    result = run_gptft(*PARALLEL, "trainer=ddp", f"hydra.run.dir={out}", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout + result.stderr
+
+
+def _weights(run) -> dict[str, torch.Tensor]:
+    return torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_ddp_on_two_cpu_processes(ddp_run, data_dir):
+    out, log = ddp_run
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 4
     assert metrics["precision"] == "bf16-mixed"  # trainer=ddp takes trainer=gpu's precision, here on the CPU
@@ -99,11 +124,7 @@ def test_ddp_on_two_cpu_processes(run_ok, tmp_path, data_dir):
     ).is_file()
 
     # Each rank logged the first tokens of its slice of batch 0; together they are one process's batch of 8.
-    seen = dict(
-        re.findall(
-            r"rank (\d) of 2 \(first batch's first tokens (\[[\d, ]+\])\)", result.stdout + result.stderr
-        )
-    )
+    seen = dict(re.findall(r"rank (\d) of 2 \(first batch's first tokens (\[[\d, ]+\])\)", log))
     assert set(seen) == {"0", "1"} and seen["0"] != seen["1"]
     data = BookWindows(seq_len=64, batch_size=8, seed=1337, data_dir=str(data_dir))
     data.setup("fit")
@@ -111,14 +132,69 @@ def test_ddp_on_two_cpu_processes(run_ok, tmp_path, data_dir):
 
     # The throughput monitor: both ranks' tokens, the tiny model's FLOPs at T = 64, an MFU from peak_flops.
     perf = metrics["perf"]
-    assert perf["flops_per_token"] == 19_997_568 and perf["windows"] == 2 and perf["peak_flops"] == 1e12
+    assert perf["flops_per_token"] == TINY_FLOPS_BLOCK0_FROZEN and perf["windows"] == 2
+    assert perf["peak_flops"] == 1e12
     assert perf["tokens_per_s"] == pytest.approx(2 * perf["tokens_per_s_per_device"], rel=1e-3)
     assert perf["samples_per_s"] * 64 == pytest.approx(perf["tokens_per_s"], rel=1e-3)
-    assert perf["mfu"] == pytest.approx(perf["tokens_per_s_per_device"] * 19_997_568 / 1e12, rel=1e-3)
+    assert perf["mfu"] == pytest.approx(
+        perf["tokens_per_s_per_device"] * TINY_FLOPS_BLOCK0_FROZEN / 1e12, rel=1e-3
+    )
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})
     acc.Reload()
     assert {"perf/tokens_per_s", "perf/samples_per_s", "perf/mfu"} <= set(acc.Tags()["scalars"])
     assert len(acc.Scalars("perf/mfu")) == 2  # one point per window of 2 steps
+
+
+def test_fsdp_shards_trains_as_ddp_does_and_resumes(ddp_run, run_ok, tmp_path):
+    # trainer=fsdp for 2 steps, then resume=<run> to 4: every step must match trainer=ddp's 4 steps.
+    out = tmp_path / "fsdp"
+    first = run_ok(
+        *PARALLEL,
+        "trainer=fsdp",
+        "trainer.max_steps=2",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        f"hydra.run.dir={out}",
+        timeout=240,
+    )
+    # Each rank holds its half of every tensor (rows split, rank 0 takes the odd one out).
+    held = dict(re.findall(r"rank (\d) holds (\d+) of 3332928 parameters", first.stdout + first.stderr))
+    assert set(held) == {"0", "1"} and int(held["0"]) + int(held["1"]) == 3332928
+    assert all(abs(int(n) - 3332928 / 2) < 1000 for n in held.values()), held
+    step2 = load_file(out / "hf_model" / "model.safetensors")  # resuming replaces hf_model/
+    run_ok(f"resume={out}", "trainer.max_steps=4", timeout=240)
+
+    ddp, _ = ddp_run
+    metrics, reference = (json.loads((run / "metrics.json").read_text()) for run in (out, ddp))
+    assert metrics["status"] == "completed" and metrics["steps"] == 4
+    fsdp_weights, ddp_weights = _weights(out), _weights(ddp)
+    assert fsdp_weights.keys() == ddp_weights.keys()
+    for name, tensor in ddp_weights.items():  # the same sums of the same gradients, reduced another way
+        torch.testing.assert_close(fsdp_weights[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # The root unit (embeddings = head) and block 1 trained after the resume; block 0 is frozen.
+    assert not torch.equal(fsdp_weights["model.transformer.wte.weight"], step2["transformer.wte.weight"])
+    assert not torch.equal(
+        fsdp_weights["model.transformer.h.1.mlp.c_fc.weight"], step2["transformer.h.1.mlp.c_fc.weight"]
+    )
+    for name in [n for n in ddp_weights if n.startswith("model.transformer.h.0.")]:
+        assert torch.equal(fsdp_weights[name], ddp_weights[name]), name  # frozen: never touched
+
+    # The probes ran on every rank (a rank-0-only probe would hang on the sharded weights) and measured the
+    # same model; the tracker summed the ranks' shards of every matrix into whole-matrix norms.
+    assert metrics["after"]["val_loss"] == pytest.approx(reference["after"]["val_loss"], abs=1e-4)
+    assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"]
+    rows = {run: (run / "weight_delta.csv").read_text().splitlines() for run in (out, ddp)}
+    assert rows[out][0] == rows[ddp][0] and len(rows[out][0].split(",")) == 5  # step + 4 attention matrices
+    for resumed, reference_row in zip(rows[out][1:], rows[ddp][3:], strict=True):  # steps 3 and 4
+        assert [float(v) for v in resumed.split(",")] == pytest.approx(
+            [float(v) for v in reference_row.split(",")], rel=1e-4, abs=1e-9
+        )
+
+    # hf_model/ holds the gathered weights as a plain GPT-2 that from_pretrained loads.
+    config = json.loads((out / "hf_model" / "config.json").read_text())
+    assert config["architectures"] == ["GPT2LMHeadModel"]
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "hf_model")
+    for name, tensor in reloaded.state_dict().items():
+        assert torch.equal(tensor, fsdp_weights[f"model.{name}"]), name
 
 
 def test_bf16_and_compile_train_save_and_load(run_ok, tmp_path):
@@ -164,7 +240,9 @@ def test_gpu_presets_are_settings():
     strategy = instantiate(ddp.trainer.strategy)
     assert type(strategy).__name__ == "DDPStrategy" and ddp.trainer.use_distributed_sampler is False
 
-    fsdp = instantiate(_compose("trainer=fsdp").trainer.strategy)
-    assert type(fsdp).__name__ == "FSDPStrategy" and fsdp.kwargs["use_orig_params"] is True
-    policy = fsdp.kwargs["auto_wrap_policy"]
-    assert [c.__name__ for c in policy._module_classes] == ["GPT2Block"]
+    fsdp = _compose("trainer=fsdp", "trainer.devices=8", "trainer.num_nodes=2")
+    assert (fsdp.trainer.devices, fsdp.trainer.num_nodes, fsdp.trainer.precision) == (8, 2, "bf16-mixed")
+    strategy = instantiate(fsdp.trainer.strategy)
+    # FSDP2 over all 16 ranks: no tensor-parallel group, one checkpoint file gathered on rank 0.
+    assert isinstance(strategy, ModelParallelStrategy) and fsdp.trainer.use_distributed_sampler is False
+    assert strategy._tensor_parallel_size == 1 and strategy._save_distributed_checkpoint is False

@@ -82,8 +82,9 @@ class Probes(L.Callback):
         return self.results
 
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> dict[str, Any]:
-        if not trainer.is_global_zero:
-            return {}
+        # Every rank runs the model (under trainer=fsdp each forward gathers the weights from all ranks, so
+        # a probe on rank 0 alone would wait forever); prompts and seeds are the same everywhere, so are the
+        # results, and only rank 0 logs and writes them.
         self._index_training_text(trainer.datamodule)
         self._token_sets = task.probe_token_sets()
         with trainer.precision_plugin.forward_context():
@@ -91,6 +92,9 @@ class Probes(L.Callback):
             samples = self.samples(task.model)
             measures, free_samples = self.free_generation(task.model)
         result = {"step": trainer.global_step, **{f"val_{k}": v for k, v in held_out.items()}, **measures}
+        self.results[when] = result
+        if not trainer.is_global_zero:
+            return result
         # Lightning logs step k's metrics at index k - 1 (the batch they follow); "before" sits at 0.
         step = max(trainer.global_step - 1, 0)
         scalars = {f"val/{k}": v for k, v in held_out.items()}
@@ -98,7 +102,6 @@ class Probes(L.Callback):
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
         self._write_samples(when, samples + free_samples, trainer)
-        self.results[when] = result
         held = ", ".join(f"val {k} {v:.4g}" for k, v in held_out.items())
         summary = ", ".join(f"{name} {m['mean']:.3g} ± {m['std']:.2g}" for name, m in measures.items())
         log.info("%s training: %s; %s", when, held, summary)

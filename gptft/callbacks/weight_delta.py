@@ -8,6 +8,8 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import Strategy
+from torch.distributed.tensor import DTensor
 
 from gptft.utils.io import atomic_write_text
 
@@ -25,6 +27,7 @@ class WeightDelta(L.Callback):
         self.log_every_n_steps = log_every_n_steps
         self.names: list[str] = []
         self._params: list[torch.Tensor] = []
+        self._sharded = False
         self._previous: list[torch.Tensor] = []
         self._rows: list[tuple[int, torch.Tensor]] = []
         self._last_step = -1
@@ -37,14 +40,19 @@ class WeightDelta(L.Callback):
             if p.dim() == 2 and any(fnmatch.fnmatchcase(n, pat) for pat in self.patterns)
         ]
         self.names = [n for n, _ in tracked]
-        self._params = [p for _, p in tracked]
+        # Under trainer=fsdp each rank follows its own shard of every matrix (the optimizer updates it in place).
+        self._sharded = any(isinstance(p, DTensor) for _, p in tracked)
+        self._params = [p.to_local() if isinstance(p, DTensor) else p for _, p in tracked]
         self._previous = [p.detach().clone() for p in self._params]
 
     @torch.no_grad()
-    def step_norms(self) -> torch.Tensor:
-        """‖W − W_previous‖_F of every tracked matrix, then remember W (foreach ops, no device sync)."""
+    def step_norms(self, strategy: Strategy | None = None) -> torch.Tensor:
+        """‖W − W_previous‖_F of every tracked matrix, then remember W (foreach ops, no device sync; one
+        all-reduce of the squared norms of the shards when they are sharded)."""
         norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self._params, self._previous)))
         torch._foreach_copy_(self._previous, self._params)
+        if self._sharded:  # the shards of a matrix add up: ‖ΔW‖² = Σ over ranks of ‖ΔW_rank‖²
+            norms = strategy.reduce(norms.float().square(), reduce_op="sum").sqrt()
         return norms
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -55,7 +63,7 @@ class WeightDelta(L.Callback):
         if trainer.global_step == self._last_step or not self._params:
             return  # no optimizer step happened (gradient accumulation)
         self._last_step = trainer.global_step
-        norms = self.step_norms()
+        norms = self.step_norms(trainer.strategy)
         self._rows.append((trainer.global_step, norms))
         if trainer.global_step % self.log_every_n_steps == 0:
             pl_module.log_dict({f"dW/{n}": v for n, v in zip(self.names, norms, strict=True)}, on_step=True)

@@ -105,7 +105,7 @@ def build_model(
     """A causal LM in fp32 (mixed precision is the trainer's job): pretrained if name_or_path, else random init.
 
     `gradient_checkpointing` recomputes each block's activations in backward instead of keeping them (HF's
-    own switch, set on the blocks, so CausalLM's chunked loss, which calls model.base_model, gets it too).
+    own switch, set on the blocks, so every path through the model gets it, CausalLM's chunked loss included).
     """
     config = model_config(name_or_path, arch)
     if config.vocab_size < VOCAB_SIZE:
@@ -131,8 +131,8 @@ def build_model(
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
         log.info("gradient checkpointing on: activations recomputed in backward")
     if compile:
-        # The base model, in place: CausalLM's chunked loss calls model.base_model directly, so compiling the
-        # outer model would leave training uncompiled; in place keeps parameter names unprefixed (no _orig_mod.).
+        # The transformer, in place: parameter names stay unprefixed (no _orig_mod.), and the head stays eager,
+        # as CausalLM's chunked loss runs it chunk by chunk outside the model.
         model.base_model.compile()
     return model
 

@@ -7,7 +7,8 @@ Conventions (PaLM appendix B, nanoGPT's `estimate_mfu`), for a decoder of L bloc
   d × vocabulary product is the largest in a small model. Biases and LayerNorms are counted (they are tiny).
 - A trained weight costs 6 FLOPs per token: 2 forward, 2 for the gradient of its input, 2 for its own gradient.
 - A frozen weight costs 4 if gradients must still flow through it to a trained weight below it (it needs no
-  gradient of its own), and 2 if nothing below it trains (forward only: no backward reaches it).
+  gradient of its own), and 2 if nothing below it trains (forward only: no backward reaches it). A trained
+  token or position embedding is below every block, even when it is tied to the output layer.
 - Attention scores and their weighted sum cost 4·d·T per token per block forward and twice that backward,
   the backward only in the blocks that gradients reach. Causal masking is ignored, as the convention does.
 
@@ -60,6 +61,10 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     d_model = int(getattr(config, "n_embd", None) or config.hidden_size)
     order = _forward_order(model)
     first = next((i for i, (_, p) in enumerate(order) if p.requires_grad), len(order))
+    lookups = [p for n, p in model.named_parameters() if n.endswith("wpe.weight")]
+    lookups.append(model.get_input_embeddings().weight)
+    if any(p.requires_grad for p in lookups):
+        first = 0  # a trained embedding table (the tied one too) needs gradients through every block down to it
     trained = sum(p.numel() for _, p in order if p.requires_grad)
     forward_only = sum(p.numel() for _, p in order[:first])
     frozen_backward = sum(p.numel() for _, p in order[first:] if not p.requires_grad)

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel
 
 from gptft.errors import ConfigError
 from gptft.models.chunked_loss import chunked_linear_cross_entropy
+from gptft.models.sharding import is_sharded, shard_model
 from gptft.utils.seeding import derive_seed
 
 IGNORE_INDEX = -100  # labels with this value (padding, masked prompts) never count in the loss
@@ -72,7 +73,11 @@ class CausalLM(L.LightningModule):
         the labels that are not IGNORE_INDEX."""
         x, y = batch
         if self.loss_chunk and torch.is_grad_enabled():  # training: never hold all B × T × V logits
-            hidden = self.model.base_model(input_ids=x, use_cache=False).last_hidden_state
+            # Through the model's own forward (head on the last position only, one B × V row) rather than
+            # model.base_model: under trainer=fsdp the root unit gathers the embeddings and the tied head in
+            # that forward's hooks and keeps them gathered until backward, where it reduces their gradients.
+            out = self.model(input_ids=x, use_cache=False, output_hidden_states=-1, logits_to_keep=1)
+            hidden = out.hidden_states[-1]  # after the final norm (HF ties it to last_hidden_state)
             weight = self.model.get_output_embeddings().weight
             return chunked_linear_cross_entropy(hidden, weight, y, self.loss_chunk, IGNORE_INDEX), {}
         logits = self.logits(x)
@@ -85,6 +90,11 @@ class CausalLM(L.LightningModule):
     def probe_token_sets(self) -> dict[str, torch.Tensor]:
         """Token-id sets whose share of generated tokens the probes should report (none for plain LM)."""
         return {}
+
+    def configure_model(self) -> None:
+        # Lightning calls this under every strategy; only trainer=fsdp (FSDP2Strategy) gives a device mesh.
+        if self.device_mesh is not None and not is_sharded(self.model):
+            shard_model(self.model, self.device_mesh["data_parallel"])
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Dropout draws from the global RNG. Seeding it from (seed, micro-step, rank) makes its masks, like
