@@ -102,11 +102,10 @@ PARALLEL = (
 
 
 @pytest.fixture(scope="module")
-def ddp_run(run_gptft, tmp_path_factory):
+def ddp_run(run_ok, tmp_path_factory):
     """trainer=ddp on PARALLEL: (run folder, the process's stdout + stderr)."""
     out = tmp_path_factory.mktemp("ddp") / "run"
-    result = run_gptft(*PARALLEL, "trainer=ddp", f"hydra.run.dir={out}", timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_ok(*PARALLEL, "trainer=ddp", f"hydra.run.dir={out}", timeout=240)
     return out, result.stdout + result.stderr
 
 
