@@ -57,6 +57,22 @@ def test_sampling_is_seeded_and_leaves_training_rng_alone(tiny_model_dir):
     assert model.training  # restored
 
 
+def test_end_of_text_ends_a_sample_only_when_it_is_not_banned(tiny_model_dir):
+    """A model whose every next token is most likely end-of-text (its final norm always outputs the EOT
+    embedding): with ban_eot=False the rows stop there, with ban_eot=True they run to the full length."""
+    model = build_model(name_or_path=str(tiny_model_dir))
+    with torch.no_grad():
+        eot = model.transformer.wte.weight[50256]
+        eot.mul_(50 / eot.norm())
+        model.transformer.ln_f.weight.zero_()
+        model.transformer.ln_f.bias.copy_(eot)
+    prompts = torch.tensor([[464], [582]])
+    stopped = sample_tokens(model, prompts, max_new_tokens=12, seed=1, ban_eot=False)
+    assert stopped.shape == (2, 1) and (stopped == 50256).all()
+    banned = sample_tokens(model, prompts, max_new_tokens=12, seed=1, ban_eot=True)
+    assert banned.shape == (2, 12) and not (banned == 50256).any()
+
+
 def test_lr_schedules():
     warm = lr_lambda("constant", warmup_steps=4, max_steps=100)
     assert [warm(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 
 from gptft.metrics import NgramIndex, distinct_n, share_in, top_token_ids
 from gptft.models.generate import sample_tokens
-from gptft.text.tokenizer import VOCAB_SIZE, gpt2_encoding
+from gptft.text.tokenizer import EOT_ID, VOCAB_SIZE, gpt2_encoding
 from gptft.utils.io import atomic_write_text
 from gptft.utils.seeding import derive_seed
 
@@ -119,8 +119,10 @@ class Probes(L.Callback):
         out = []
         for i, prompt in enumerate(self.prompts):
             ids = torch.tensor([enc.encode_ordinary(prompt)])
-            new = sample_tokens(model, ids, seed=self.seed + i, **self.sampling)[0]
-            out.append((prompt, enc.decode(new.tolist())))
+            new = sample_tokens(model, ids, seed=self.seed + i, **self.sampling)[0].tolist()
+            if EOT_ID in new:  # eval.ban_eot=false: the sample ended (shown with its end-of-text)
+                new = new[: new.index(EOT_ID) + 1]
+            out.append((prompt, enc.decode(new)))
         return out
 
     def measure(self, generated: torch.Tensor) -> dict[str, float]:
@@ -144,7 +146,9 @@ class Probes(L.Callback):
             g = torch.Generator().manual_seed(derive_seed(self.seed, repeat, "free-prompts"))
             prompts = torch.randint(0, VOCAB_SIZE, (self.free_prompts, 1), generator=g)
             seed = derive_seed(self.seed, repeat, "free-sampling")
-            generated = sample_tokens(model, prompts, seed=seed, **self.sampling).cpu()
+            # Always the course's fixed length (end-of-text banned), whatever eval.ban_eot says for the samples:
+            # the measures are shares of a fixed number of tokens, comparable before/after and across runs.
+            generated = sample_tokens(model, prompts, seed=seed, **{**self.sampling, "ban_eot": True}).cpu()
             per_seed.append(self.measure(generated))
             if repeat == 0:
                 texts = [

@@ -18,7 +18,11 @@ def sample_tokens(
     seed: int = 0,
     ban_eot: bool = True,
 ) -> torch.Tensor:
-    """New token ids (B × max_new_tokens) continuing equal-length prompts (B × P).
+    """New token ids (B × at most max_new_tokens) continuing equal-length prompts (B × P).
+
+    `ban_eot`: end-of-text is never sampled, so every row has exactly max_new_tokens new tokens (the course's
+    free generation). Otherwise a row may end at end-of-text (an instruction-tuned model's answer); rows that
+    ended are padded with it, and the output is as long as the longest row.
 
     The generator state is forked, so a probe never changes which dropout masks or batches training sees
     next, and the same seed gives the same text before and after training.
@@ -37,8 +41,8 @@ def sample_tokens(
             top_k=top_k,
             temperature=temperature,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
             suppress_tokens=[EOT_ID] if ban_eot else None,
+            eos_token_id=EOT_ID,  # whatever the model's own config says: GPT-2's end-of-text ends a row
             pad_token_id=EOT_ID,
             use_cache=True,
         )
