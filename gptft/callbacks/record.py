@@ -158,6 +158,16 @@ class RunRecord(L.Callback):
     def _gather_and_write(self, trainer: L.Trainer) -> None:
         for callback in trainer.callbacks:
             if callback is not self and hasattr(callback, "metrics"):
-                self.data.update(callback.metrics())
+                merge_into(self.data, callback.metrics())
         if trainer.is_global_zero:
             self.write()
+
+
+def merge_into(target: dict[str, Any], new: dict[str, Any]) -> None:
+    """Merge `new` into `target` key by key, recursing into dicts both hold: several callbacks can each add
+    their own measures under "before" and "after"."""
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge_into(target[key], value)
+        else:
+            target[key] = value
