@@ -47,7 +47,11 @@ CASES = {
         ["task=kl_target", "task.target.pattern='x('"],
         "is not a valid regular expression",
     ),
-    "KL alpha not above beta": (["task=kl_target", "task.target.beta=2.0"], "need alpha > beta ≥ 0"),
+    "KL alpha not above beta": (
+        ["task=kl_target", "task.target.mass=null", "task.target.alpha=1.0", "task.target.beta=2.0"],
+        "need alpha > beta ≥ 0",
+    ),
+    "KL mass above 1": (["task=kl_target", "task.target.mass=1.5"], "task.target.mass=1.5 must be"),
     "lr not finite": (["optim.lr=nan"], "optim.lr=nan is not a finite number"),
     "corpus missing offline": (
         ["data.book=99999999", "data.download=false"],

@@ -92,7 +92,7 @@ def test_every_schema_setting_is_a_real_key():
     configs = [_compose(f"experiment={p.stem}") for p in Path(CONF, "experiment").glob("*.yaml")]
     configs += [
         _compose(f"{group}={p.stem}")
-        for group in ("data", "schedule")
+        for group in ("data", "schedule", "freeze")
         for p in Path(CONF, group).glob("*.yaml")
     ]
     for setting in SCHEMA:

@@ -35,11 +35,24 @@ def test_loader_continues_at_the_current_step(book):
     step = {"now": 5}
     loader = _StepBatches(book.train_sampler, lambda: step["now"], end=8)
     assert len(loader) == 3
-    assert [torch.equal(x, book.train_sampler.batch(5 + i)[0]) for i, (x, _) in enumerate(loader)] == [
-        True
-    ] * 3
+    batches = list(loader)
+    assert [torch.equal(x, book.train_sampler.batch(5 + i)[0]) for i, (x, _, _) in enumerate(batches)] == [True] * 3
+    assert [n for _, _, n in batches] == [8 * 64] * 3  # every target of a window carries a label
     step["now"] = 7  # e.g. Lightning starts a new epoch after a resume
     assert len(loader) == 1 and torch.equal(next(iter(loader))[0], book.train_sampler.batch(7)[0])
+
+
+def test_accumulated_micro_batches_are_slices_of_one_step_draw(book):
+    """With accumulation a, each optimizer step's a micro-batches are the slices of one draw of a × B windows:
+    the windows a single batch of a × B would hold, so accumulation changes no batch, only how it is cut."""
+    whole = WindowSampler(book.tokens, book.train_segments, 32, 8, seed=0)
+    cut = WindowSampler(book.tokens, book.train_segments, 32, 2, seed=0)
+    cut.accumulate = 4
+    for step in (0, 3):
+        micro = torch.cat([cut.starts(step * 4 + i) for i in range(4)])
+        assert torch.equal(micro, whole.starts(step))
+    loader = _StepBatches(cut, lambda: 4, end=12)  # optimizer steps 1 and 2, each 4 micro-batches
+    assert [n for _, _, n in loader] == [8 * 32] * 8  # the whole step's labelled tokens, on every micro-batch
 
 
 def _inside(starts, length, segments):

@@ -28,10 +28,20 @@ def test_x_target_is_uniform_over_the_897_x_tokens():
 
 def test_case_and_alpha_beta():
     assert len(matching_ids("x", ignore_case=True)) > len(matching_ids("x"))
-    p, ids = target_distribution("x", alpha=3.0, beta=1.0)
+    p, ids = target_distribution("x", mass=None, alpha=3.0, beta=1.0)
     other = 0 if 0 not in ids.tolist() else 1
     assert p[ids[0]] / p[other] == pytest.approx(3.0)
     assert p.sum().item() == pytest.approx(1.0, abs=1e-5)
+
+
+def test_mass_is_the_matches_total_probability():
+    p, ids = target_distribution("x", mass=0.9)
+    assert p[ids].sum().item() == pytest.approx(0.9, abs=1e-5) and p.sum().item() == pytest.approx(1.0, abs=1e-5)
+    assert (p[ids] == p[ids[0]]).all() and p[ids[0]] == p.max()  # even over the matches; the rest share 0.1
+    # The write-up's per-token α 0.9, β 0.1 puts n·α / (n·α + (V − n)·β) on the 897 x tokens: about 14%.
+    per_token, _ = target_distribution("x", mass=None, alpha=0.9, beta=0.1)
+    assert per_token[ids].sum().item() == pytest.approx(897 * 0.9 / (897 * 0.9 + (50257 - 897) * 0.1), abs=1e-5)
+    assert 0.13 < per_token[ids].sum().item() < 0.15
 
 
 @pytest.mark.parametrize(
@@ -40,8 +50,10 @@ def test_case_and_alpha_beta():
         ({"pattern": "x("}, "is not a valid regular expression"),
         ({"pattern": "zzzzzzzzzz"}, "matches no token"),
         ({"pattern": ".*"}, "matches every token"),
-        ({"pattern": "x", "alpha": 1.0, "beta": 1.0}, "need alpha > beta ≥ 0"),
-        ({"pattern": "x", "alpha": 1.0, "beta": -0.5}, "need alpha > beta ≥ 0"),
+        ({"pattern": "x", "mass": None, "alpha": 1.0, "beta": 1.0}, "need alpha > beta ≥ 0"),
+        ({"pattern": "x", "mass": None, "alpha": 1.0, "beta": -0.5}, "need alpha > beta ≥ 0"),
+        ({"pattern": "x", "alpha": 0.9, "beta": 0.1}, "two ways to say the same"),
+        ({"pattern": "x", "mass": 0.0}, "must be in"),
     ],
 )
 def test_bad_targets(kwargs, message):
@@ -54,7 +66,7 @@ def test_loss_equals_a_hand_computation(tiny_model_dir):
         build_model(name_or_path=str(tiny_model_dir)).eval(),
         OPTIM,
         {"name": "constant"},
-        {"pattern": "x", "alpha": 2.0, "beta": 0.5},
+        {"pattern": "x", "mass": None, "alpha": 2.0, "beta": 0.5},
     )
     x = torch.randint(0, 50257, (2, 8), generator=torch.Generator().manual_seed(0))
     loss, extras = task.compute_loss((x, x))

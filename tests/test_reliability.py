@@ -17,8 +17,15 @@ from gptft.utils.checkpoint import AtomicCheckpointIO
 
 from conftest import REPO
 
-# The tiny model with its default dropout (0.1): exact resume must restore the dropout masks too.
-RUN = ("debug=fast", "optim.lr=1e-3", "trainer.max_steps=16", "callbacks.checkpoint.every_n_train_steps=4")
+# The tiny model with its default dropout (0.1): exact resume must restore the dropout masks too; the
+# weight-change tracker's rows must carry across the resume like every other record.
+RUN = (
+    "debug=fast",
+    "optim.lr=1e-3",
+    "trainer.max_steps=16",
+    "callbacks=weight_delta",
+    "callbacks.checkpoint.every_n_train_steps=4",
+)
 
 
 def train_losses(run_dir) -> dict[int, float]:
@@ -84,18 +91,30 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, run_ok, gptft_e
     whole, resumed = final_weights(uninterrupted), final_weights(killed)
     assert whole.keys() == resumed.keys()
     assert all(torch.equal(whole[k], resumed[k]) for k in whole)
+    # What the run measured carried across the kill: every step's weight change, the batches' fingerprint, the
+    # tokens, the losses; a report of the two runs says the same of both (timings aside).
+    assert (killed / "weight_delta.csv").read_text() == (uninterrupted / "weight_delta.csv").read_text()
+    assert len((killed / "weight_delta.csv").read_text().splitlines()) == 1 + 16
+    a, b = metrics(uninterrupted), metrics(killed)
+    for key in ("train", "steps", "tokens_trained", "data_fingerprint", "weight_delta", "after"):
+        assert b[key] == a[key], key
+    assert a["tokens_trained"] == 16 * 4 * 64  # debug=fast: batch 4 × 64, every target labelled
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_ends_the_step_saves_and_says_how_to_resume(sig, gptft_env, tmp_path):
     out = tmp_path / "run"
     with open(tmp_path / "run.log", "w") as log:
-        proc = start(gptft_env, "debug=fast", "trainer.max_steps=100000", f"hydra.run.dir={out}", log=log)
+        proc = start(
+            gptft_env, "debug=fast", "trainer.max_steps=100000", "callbacks=weight_delta", f"hydra.run.dir={out}", log=log
+        )
         wait_for(lambda: (out / "metrics.json").is_file() and metrics(out).get("before"), proc)
         proc.send_signal(sig)
         returncode = proc.wait(timeout=120)
     stderr = (tmp_path / "run.log").read_text()
     assert returncode == 130, stderr[-2000:]
+    rows = (out / "weight_delta.csv").read_text().splitlines()  # a stopped run writes what it measured
+    assert len(rows) == 1 + metrics(out)["steps"]
     assert f"gptft: resume with: python -m gptft.run resume={out}" in stderr
     assert "Traceback" not in stderr
     record = metrics(out)

@@ -16,6 +16,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptft.errors import StoppedEarly
+from gptft.utils.clock import device_clock
 from gptft.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -34,29 +35,64 @@ class RunRecord(L.Callback):
     """Keeps metrics.json current: "running" at fit start, then "completed", "interrupted", "diverged" or
     "failed".
 
-    Train losses are kept as detached tensors and read once at the end, so recording adds no device sync
-    to the training step.
+    What it measures (train losses, step times, labelled tokens, the batches' fingerprint, train/validation/fit
+    time) is part of every checkpoint (Lightning's callback state), so a run stopped and resumed any number of
+    times reports the same numbers as one that ran straight through (its timings aside). Within a segment, step
+    losses are kept as detached device tensors and read at a checkpoint or at the end: recording adds no
+    device sync to the training step.
     """
 
     def __init__(self, path: str | Path, config: dict[str, Any] | None = None, resume: bool = False):
         self.path = Path(path)
-        # A resumed run keeps what the run before it measured (its "before" probe, its first loss).
+        # A resumed run keeps what the run before it measured (its "before" probe, its settings' record).
         previous = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
         self.data: dict[str, Any] = {**previous, "status": "created", "config": config or {}}
-        self._losses: list[torch.Tensor] = []
+        # Measured in earlier segments of this run (restored from the checkpoint) and in this one so far.
+        self._state: dict[str, Any] = {
+            "losses": [], "batch_sums": [], "step_s": [], "tokens": 0, "train_s": 0.0, "val_s": 0.0, "fit_s": 0.0,
+        }  # fmt: skip
+        self._losses: list[torch.Tensor] = []  # this segment's step losses, not yet read from the device
         self._batch_sums: list[torch.Tensor] = []
-        self._batch_times: list[float] = []
-        self._t_batch = 0.0
-        self._tokens = 0
-        self._t_fit = self._t_first = self._t_last = 0.0
-        self._t_val_start = 0.0
-        self._val_time = 0.0
+        self._last_step = -1
+        self._t_fit = self._t_first = self._t_last = self._t_step = self._t_val_start = 0.0
+        self._val_s = 0.0
 
     def write(self) -> None:
         atomic_write_json(self.path, self.data)
 
+    # -- what a checkpoint carries
+
+    def state_dict(self) -> dict[str, Any]:
+        self._settle()
+        return {**self._state, "fit_s": self._fit_s(), "train_s": self._train_s(), "val_s": self._val_total()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._state = {**self._state, **state_dict}
+
+    def _settle(self) -> None:
+        """Move this segment's device tensors into the plain lists a checkpoint holds (one sync)."""
+        if self._losses:
+            self._state["losses"] += torch.stack(self._losses).float().cpu().tolist()
+            self._losses = []
+        if self._batch_sums:
+            self._state["batch_sums"] += torch.stack(self._batch_sums).cpu().tolist()
+            self._batch_sums = []
+
+    def _train_s(self) -> float:
+        segment = self._t_last - self._t_first - self._val_s if self._t_first else 0.0
+        return self._state["train_s"] + max(segment, 0.0)
+
+    def _val_total(self) -> float:
+        return self._state["val_s"] + self._val_s
+
+    def _fit_s(self) -> float:
+        return self._state["fit_s"] + (time.perf_counter() - self._t_fit if self._t_fit else 0.0)
+
+    # -- hooks
+
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t_fit = time.perf_counter()
+        self._last_step = trainer.global_step
         params = list(pl_module.parameters())
         self.data.update(
             status="running",
@@ -80,25 +116,21 @@ class RunRecord(L.Callback):
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
         if not self._t_first:
-            self._t_first = time.perf_counter()
+            self._t_first = self._t_step = device_clock(pl_module.device)
             self._gather_and_write(trainer)  # the "before" probe survives a crash
-        self._t_batch = self._clock(pl_module)
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._losses.append(loss.detach())
         self._batch_sums.append(batch[0].sum())  # a fingerprint of what was trained on, no sync
-        self._tokens += batch[0].numel()
-        self._t_last = self._clock(pl_module)
-        self._batch_times.append(self._t_last - self._t_batch)
-
-    @staticmethod
-    def _clock(pl_module: L.LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()  # CUDA runs ahead of Python: time the work, not its launch
-        return time.perf_counter()
+        if trainer.global_step == self._last_step:
+            return  # a micro-batch inside an optimizer step (gradient accumulation)
+        self._last_step = trainer.global_step
+        self._losses.append(pl_module.step_loss)
+        self._state["tokens"] += batch[2]  # labelled tokens of the whole step, all ranks (a plain int)
+        self._t_last = device_clock(pl_module.device)
+        self._state["step_s"].append(self._t_last - self._t_step)
+        self._t_step = self._t_last
 
     # Periodic validation runs inside the training span; its time is not training time.
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -106,7 +138,9 @@ class RunRecord(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._t_first:
-            self._val_time += time.perf_counter() - self._t_val_start
+            elapsed = time.perf_counter() - self._t_val_start
+            self._val_s += elapsed
+            self._t_step += elapsed  # the next step's time starts after validation
             self.data["steps"] = trainer.global_step
             self._gather_and_write(trainer)  # progress on disk at every validation
 
@@ -115,30 +149,31 @@ class RunRecord(L.Callback):
 
     def _summarise(self, trainer: L.Trainer) -> None:
         """The train losses, step count, timings and data fingerprint so far (at the end, or at a stop)."""
-        if self._losses:
-            losses = torch.stack(self._losses).float().cpu()
-            first = self.data.get("train", {}).get("loss_first", losses[0].item())
+        self._settle()
+        losses, step_s = self._state["losses"], self._state["step_s"]
+        if losses:
             self.data["train"] = {
-                "loss_first": first,
-                "loss_last": losses[-1].item(),
-                "loss_last10_mean": losses[-10:].mean().item(),
+                "loss_first": losses[0],
+                "loss_last": losses[-1],
+                "loss_last10_mean": statistics.fmean(losses[-10:]),
             }
-        train_s = max(self._t_last - self._t_first - self._val_time, 1e-9)
+        train_s = max(self._train_s(), 1e-9)
         self.data["steps"] = trainer.global_step
-        self.data["tokens_trained"] = self._tokens
+        self.data["tokens_trained"] = self._state["tokens"]
         self.data["time"] = {
             "train_s": round(train_s, 3),
-            "val_s": round(self._val_time, 3),
-            "step_s": round(train_s / max(1, len(self._losses)), 4),
-            "median_step_s": round(statistics.median(self._batch_times), 4) if self._batch_times else None,
-            "tokens_per_s": round(self._tokens / train_s, 1),
+            "val_s": round(self._val_total(), 3),
+            "step_s": round(train_s / max(1, len(step_s)), 4),
+            "median_step_s": round(statistics.median(step_s), 4) if step_s else None,
+            # Over all ranks, counting the tokens that carry a label (padding and masked prompts do not).
+            "tokens_per_s": round(self._state["tokens"] / train_s, 1),
         }
-        if self._batch_sums:
-            sums = torch.stack(self._batch_sums).cpu().tolist()
-            self.data["data_fingerprint"] = hashlib.blake2b(str(sums).encode(), digest_size=8).hexdigest()
+        if self._state["batch_sums"]:
+            sums = str(self._state["batch_sums"]).encode()
+            self.data["data_fingerprint"] = hashlib.blake2b(sums, digest_size=8).hexdigest()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.data.setdefault("time", {})["fit_s"] = round(time.perf_counter() - self._t_fit, 3)
+        self.data.setdefault("time", {})["fit_s"] = round(self._fit_s(), 3)
         self.data["status"] = "completed"
         self._finish(trainer)
 

@@ -1,21 +1,23 @@
 """Throughput and model FLOPs utilisation over windows of training steps.
 
-RunRecord times the whole run (metrics.json `time`: mean and median step, tokens/s); this monitor adds the
-rolling view: every `window` training batches it logs perf/tokens_per_s, perf/samples_per_s and, when the
-device's peak is given, perf/mfu to TensorBoard, and metrics.json gets the median over the windows (the steady
-state: the first window, with compilation and warm-up, is left out when there are more).
+RunRecord times the whole run (metrics.json `time`: mean and median step, tokens/s, the one tokens-per-second
+figure of metrics.json); this monitor adds the rolling view: every `window` training batches it logs
+perf/tokens_per_s, perf/samples_per_s and, when the device's peak is given, perf/mfu to TensorBoard, and
+metrics.json `perf` gets the median MFU over the windows (the steady state: the first window, with compilation
+and warm-up, is left out when there are more). Tokens are counted as RunRecord counts them: over all ranks,
+those that carry a label.
 """
 
 from __future__ import annotations
 
 import statistics
-import time
 from typing import Any
 
 import lightning as L
 import torch
 
 from gptft.models.flops import model_flops_per_token
+from gptft.utils.clock import device_clock
 
 
 class Throughput(L.Callback):
@@ -47,12 +49,13 @@ class Throughput(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        x = batch[0]
+        x, _, step_tokens = batch
         self.flops_per_token = self._dense + self._per_position * x.size(1)
-        self._flops += self.flops_per_token * x.numel()
+        self._flops += self.flops_per_token * x.numel()  # the work this rank did, padding included
         self._batches += 1
-        self._tokens += x.numel()
-        self._samples += x.size(0)
+        self._samples += x.size(0) * trainer.world_size
+        if (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+            self._tokens += step_tokens  # the step's labelled tokens, all ranks: counted once per step
         # The last step closes its window here: on_train_end comes after the "after" probes.
         if self._batches >= self.window or trainer.global_step >= trainer.max_steps:
             self._close(trainer, pl_module, log=True)
@@ -70,11 +73,7 @@ class Throughput(L.Callback):
             return {}
         full = [r for r in self.rows if r["batches"] >= self.window] or self.rows
         steady = full[1:] if len(full) > 1 else full
-        perf: dict[str, Any] = {
-            key: round(statistics.median(r[key] for r in steady), 4)
-            for key in ("tokens_per_s", "samples_per_s", "tokens_per_s_per_device")
-        }
-        perf.update(
+        perf: dict[str, Any] = dict(
             windows=len(self.rows),
             window_batches=self.window,
             flops_per_token=self.flops_per_token,
@@ -84,26 +83,17 @@ class Throughput(L.Callback):
             perf["mfu"] = round(statistics.median(r["mfu"] for r in steady), 6)
         return {"perf": perf}
 
-    @staticmethod
-    def _clock(pl_module: L.LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()  # CUDA runs ahead of Python: time the work, not its launch
-        return time.perf_counter()
-
     def _restart(self, pl_module: L.LightningModule) -> None:
-        self._t0 = self._clock(pl_module)
+        self._t0 = device_clock(pl_module.device)
         self._batches = self._tokens = self._samples = 0
         self._flops = 0.0
 
     def _close(self, trainer: L.Trainer, pl_module: L.LightningModule, log: bool) -> None:
-        seconds = max(self._clock(pl_module) - self._t0, 1e-9)
-        world = trainer.world_size  # every rank trains a batch of the same shape
-        per_device = self._tokens / seconds
+        seconds = max(device_clock(pl_module.device) - self._t0, 1e-9)
         row = {
             "batches": self._batches,
-            "tokens_per_s": world * per_device,
-            "samples_per_s": world * self._samples / seconds,
-            "tokens_per_s_per_device": per_device,
+            "tokens_per_s": self._tokens / seconds,
+            "samples_per_s": self._samples / seconds,
         }
         if self.peak_flops:
             row["mfu"] = self._flops / seconds / self.peak_flops  # this rank's work on this rank's device

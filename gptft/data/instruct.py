@@ -22,11 +22,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from gptft.config import LENGTH_POLICIES, ON_BAD_LINE, check_choice
-from gptft.data.windows import step_loader
+from gptft.data.windows import StepSampler, step_loader
 from gptft.errors import ConfigError
-from gptft.tasks.causal_lm import IGNORE_INDEX  # the label CausalLM's loss skips
 from gptft.text.corpus import read_text, shared_data_dirs
-from gptft.text.tokenizer import EOT_ID, gpt2_encoding
+from gptft.text.tokenizer import EOT_ID, IGNORE_INDEX, gpt2_encoding
 from gptft.utils.io import atomic_write_bytes, atomic_write_json
 from gptft.utils.seeding import derive_seed
 
@@ -270,15 +269,14 @@ def token_counts(texts: list[str]) -> list[int]:
 # ---------------------------------------------------------------- batches
 
 
-class PairBatches:
-    """Batch `step` = pairs step·B … step·B + B − 1 of an endless run of seeded per-epoch permutations.
-
-    Under DDP (as BookWindows) the global batch is world_size × B pairs and each rank keeps its own slice.
+class PairBatches(StepSampler):
+    """Optimizer step k = the next accumulate × world_size × B pairs of an endless run of seeded per-epoch
+    permutations; each micro-batch on each rank keeps its slot of them (StepSampler), so with one process and no
+    accumulation batch k is pairs k·B … k·B + B − 1.
     """
 
     def __init__(self, rows: list[Row], batch_size: int, seed: int, mask_prompt: bool = True):
         self.rows, self.batch_size, self.seed, self.mask_prompt = rows, batch_size, seed, mask_prompt
-        self.rank, self.world_size = 0, 1  # set from the trainer by step_loader
         self._perms: dict[int, list[int]] = {}
 
     def _order(self, epoch: int) -> list[int]:
@@ -289,14 +287,14 @@ class PairBatches:
             self._perms[epoch] = torch.randperm(len(self.rows), generator=g).tolist()
         return self._perms[epoch]
 
-    def indices(self, step: int) -> list[int]:
+    def indices(self, micro_step: int, rank: int | None = None) -> list[int]:
         n, b = len(self.rows), self.batch_size
-        start = (step * self.world_size + self.rank) * b
-        positions = range(start, start + b)
-        return [self._order(p // n)[p % n] for p in positions]
+        step, slot = self.slot(micro_step, rank)
+        start = (step * self.slots + slot) * b
+        return [self._order(p // n)[p % n] for p in range(start, start + b)]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_batch([self.rows[i] for i in self.indices(step)], self.mask_prompt)
+    def batch(self, micro_step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_batch([self.rows[i] for i in self.indices(micro_step, rank)], self.mask_prompt)
 
 
 # ---------------------------------------------------------------- the data module

@@ -4,10 +4,11 @@ Which windows batch k holds is a pure function of (seed, k): two runs with one s
 batches, and a resumed run continues where it stopped because its first batch is batch `global_step`.
 Windows are gathered with one tensor index, never a Python loop per token.
 
-Under DDP every rank draws the same world_size × batch_size start positions for batch k and keeps its own
-slice: rank r's windows are a function of (seed, k, r), no two ranks take the same draws, and the union over
-the ranks is exactly the batch a single process with world_size × batch_size would train on. So a run on
-8 GPUs at data.batch_size=2 sees the same windows as one at data.batch_size=16 on one device.
+Every optimizer step k draws one global batch of accumulate × world_size × batch_size windows from (seed, k);
+micro-batch i of the step on rank r keeps its own slice (`StepSampler`). No two ranks or micro-batches take the
+same draws, and their union is exactly the batch a single process at accumulate × world_size × batch_size would
+train on. So a run on 8 GPUs at data.batch_size=2, or on one device at data.batch_size=4 with
+trainer.accumulate_grad_batches=4, sees the same windows as one at data.batch_size=16 on one device.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import lightning as L
 import torch
@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from gptft.config import SOURCES, SPLITS, check_choice
 from gptft.errors import ConfigError
 from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
-from gptft.text.tokenizer import VOCAB_SIZE
+from gptft.text.tokenizer import IGNORE_INDEX, VOCAB_SIZE
 from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -56,12 +56,35 @@ def split_segments(
     return train, test
 
 
-class WindowSampler:
+class StepSampler:
+    """A training sampler whose micro-batch is a pure function of (seed, micro-step, rank).
+
+    Optimizer step k = micro-steps k·accumulate … k·accumulate + accumulate − 1. Its global draw holds
+    accumulate × world_size slots of batch_size rows; micro-batch i on rank r takes slot i·world_size + r.
+    `rank`, `world_size` and `accumulate` are set from the trainer by step_loader.
+    """
+
+    batch_size: int
+    rank, world_size, accumulate = 0, 1, 1
+
+    def slot(self, micro_step: int, rank: int | None = None) -> tuple[int, int]:
+        """(optimizer step, this micro-batch's slot in the step's draw) for `rank` (default: this rank)."""
+        step, i = divmod(micro_step, self.accumulate)
+        return step, i * self.world_size + (self.rank if rank is None else rank)
+
+    @property
+    def slots(self) -> int:
+        return self.accumulate * self.world_size
+
+    def batch(self, micro_step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class WindowSampler(StepSampler):
     """Windows of `seq_len + 1` tokens drawn uniformly from the start positions that fit inside `segments`."""
 
     def __init__(self, tokens: torch.Tensor, segments: Segments, seq_len: int, batch_size: int, seed: int):
         self.tokens, self.seq_len, self.batch_size, self.seed = tokens, seq_len, batch_size, seed
-        self.rank, self.world_size = 0, 1  # set from the trainer by step_loader
         fits = [(s, e - s - seq_len) for s, e in segments if e - s > seq_len]
         self.n_starts = sum(n for _, n in fits)
         if self.n_starts == 0:
@@ -78,12 +101,12 @@ class WindowSampler:
         before = torch.where(seg > 0, self._ends[seg - 1], torch.zeros_like(u))
         return self._first[seg] + (u - before)
 
-    def starts(self, step: int) -> torch.Tensor:
-        """Start positions of this rank's windows of batch `step`: its slice of the global draw."""
+    def starts(self, micro_step: int, rank: int | None = None) -> torch.Tensor:
+        """Start positions of a rank's windows of micro-batch `micro_step`: its slice of the step's draw."""
+        step, slot = self.slot(micro_step, rank)
         g = torch.Generator().manual_seed(derive_seed(self.seed, step, "train"))
-        drawn = torch.randint(0, self.n_starts, (self.world_size * self.batch_size,), generator=g)
-        mine = drawn[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return self._positions(mine)
+        drawn = torch.randint(0, self.n_starts, (self.slots * self.batch_size,), generator=g)
+        return self._positions(drawn[slot * self.batch_size : (slot + 1) * self.batch_size])
 
     def spread_starts(self, count: int) -> torch.Tensor:
         """`count` start positions spread evenly over the segments: a fixed, representative set."""
@@ -95,50 +118,68 @@ class WindowSampler:
         w = self._rows.index_select(0, starts)
         return w[:, :-1], w[:, 1:]
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.windows(self.starts(step))
+    def batch(self, micro_step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.windows(self.starts(micro_step, rank))
 
 
-class RandomTokens:
+class RandomTokens(StepSampler):
     """Fresh uniformly random token ids each step (the course's KL-study inputs); still a function of (seed, step)."""
 
     def __init__(self, seq_len: int, batch_size: int, seed: int, vocab_size: int = VOCAB_SIZE):
         self.seq_len, self.batch_size, self.seed, self.vocab_size = seq_len, batch_size, seed, vocab_size
-        self.rank, self.world_size = 0, 1  # as WindowSampler: each rank keeps its slice of the global draw
 
-    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(self, micro_step: int, rank: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        step, slot = self.slot(micro_step, rank)
         g = torch.Generator().manual_seed(derive_seed(self.seed, step, "random-tokens"))
-        w = torch.randint(
-            0, self.vocab_size, (self.world_size * self.batch_size, self.seq_len + 1), generator=g
-        )
-        w = w[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        w = torch.randint(0, self.vocab_size, (self.slots * self.batch_size, self.seq_len + 1), generator=g)
+        w = w[slot * self.batch_size : (slot + 1) * self.batch_size]
         return w[:, :-1], w[:, 1:]
 
 
+TrainBatch = tuple[torch.Tensor, torch.Tensor, int]  # (x, y, labelled tokens of the whole optimizer step)
+
+
 class _StepBatches(IterableDataset):
-    """Yields the batches of micro-steps `first()` .. `end - 1`, one whole batch per item.
+    """Yields micro-batches `first()` .. `end - 1` as (x, y, step_tokens), one whole batch per item.
+
+    step_tokens counts the labelled targets (y ≠ IGNORE_INDEX) of the whole optimizer step: every micro-batch on
+    every rank. Batches are a pure function of the step, so it is known before the step runs, with no
+    communication: the task divides by it, so the step's loss is one mean over all its tokens (what one batch
+    holding every micro-batch and rank would give), however the rows are masked or split.
 
     `first` is asked each time iteration starts: Lightning may start a new "epoch" after a resume, and
     each start must continue at the trainer's step, never replay or skip a batch.
     """
 
-    def __init__(self, sampler: WindowSampler | RandomTokens, first: Callable[[], int], end: int):
+    def __init__(self, sampler: StepSampler, first: Callable[[], int], end: int):
         self.sampler, self.first, self.end = sampler, first, end
 
     def __len__(self) -> int:
         return max(0, self.end - self.first())
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for step in range(self.first(), self.end):
-            yield self.sampler.batch(step)
+    def __iter__(self) -> Iterator[TrainBatch]:
+        accumulate, first = self.sampler.accumulate, self.first()
+        for step in range(first // accumulate, self.end // accumulate):
+            micro_steps = range(step * accumulate, (step + 1) * accumulate)
+            mine = [self.sampler.batch(m) for m in micro_steps]
+            others = [
+                self.sampler.batch(m, r)
+                for m in micro_steps
+                for r in range(self.sampler.world_size)
+                if r != self.sampler.rank
+            ]
+            step_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in mine + others)
+            for m, (x, y) in zip(micro_steps, mine, strict=True):
+                if m >= first:
+                    yield x, y, step_tokens
 
 
-def step_loader(trainer: L.Trainer | None, sampler: Any, seed: int, pin_memory: bool = False) -> DataLoader:
-    """The training loader of a step-indexed sampler (`sampler.batch(k)`, with `rank` and `world_size`).
-
-    It yields micro-batches trainer.global_step × accumulate … max_steps × accumulate − 1, so a resumed run
-    continues with the batch it would have seen next; each DDP rank keeps its slice of every global draw.
-    """
+def step_loader(
+    trainer: L.Trainer | None, sampler: StepSampler, seed: int, pin_memory: bool = False
+) -> DataLoader:
+    """The training loader of a step sampler: micro-batches trainer.global_step × accumulate …
+    max_steps × accumulate − 1 as (x, y, step_tokens), so a resumed run continues with the batch it would have
+    seen next; each rank and micro-batch keeps its slice of every step's global draw."""
     if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
         raise ConfigError("trainer.max_steps is not set: batches are drawn per step, so give a step count")
     accumulate = trainer.accumulate_grad_batches
@@ -147,7 +188,7 @@ def step_loader(trainer: L.Trainer | None, sampler: Any, seed: int, pin_memory: 
         return trainer.global_step * accumulate
 
     end = trainer.max_steps * accumulate
-    sampler.rank, sampler.world_size = trainer.global_rank, trainer.world_size
+    sampler.rank, sampler.world_size, sampler.accumulate = trainer.global_rank, trainer.world_size, accumulate
     log.info(
         "training batches %d to %d of seed %d, rank %d of %d (first batch's first tokens %s)",
         first(),

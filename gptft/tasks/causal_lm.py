@@ -18,9 +18,8 @@ from transformers import PreTrainedModel
 from gptft.errors import ConfigError
 from gptft.models.chunked_loss import chunked_linear_cross_entropy
 from gptft.models.sharding import is_sharded, shard_model
+from gptft.text.tokenizer import IGNORE_INDEX
 from gptft.utils.seeding import derive_seed
-
-IGNORE_INDEX = -100  # labels with this value (padding, masked prompts) never count in the loss
 
 
 def lr_lambda(
@@ -62,16 +61,21 @@ class CausalLM(L.LightningModule):
         self.loss_chunk = loss_chunk if isinstance(head, torch.nn.Linear) and head.bias is None else 0
         self._val_sum = torch.zeros(())
         self._val_count = torch.zeros(())
+        self._step_sum = torch.zeros(())
+        # The loss of the latest optimizer step over all its micro-batches and ranks (a detached device tensor):
+        # what train/loss shows and metrics.json keeps.
+        self.step_loss: torch.Tensor | None = None
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=input_ids, use_cache=False).logits
 
     def compute_loss(
-        self, batch: tuple[torch.Tensor, torch.Tensor]
+        self, batch: tuple[torch.Tensor, ...]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """(loss, extra detached scalars logged as train/<name>). Here: mean next-token cross-entropy over
-        the labels that are not IGNORE_INDEX."""
-        x, y = batch
+        """(loss, extra detached scalars logged as train/<name>) of the batch's (x, y). Here: mean next-token
+        cross-entropy over the labels that are not IGNORE_INDEX. A subclass's loss must be a mean over the
+        labelled positions too, so training can weigh micro-batches by the labelled tokens they hold."""
+        x, y = batch[0], batch[1]
         if self.loss_chunk and torch.is_grad_enabled():  # training: never hold all B × T × V logits
             # Through the model's own forward (head on the last position only, one B × V row) rather than
             # model.base_model: under trainer=fsdp the root unit gathers the embeddings and the tied head in
@@ -104,13 +108,27 @@ class CausalLM(L.LightningModule):
         micro_step = self.trainer.global_step * accumulate + batch_idx % accumulate
         torch.manual_seed(derive_seed(self.hparams.seed, micro_step, f"dropout-rank{self.global_rank}"))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, int], batch_idx: int) -> torch.Tensor:
+        """One micro-batch (x, y, step_tokens). The optimizer step's loss is the mean over every labelled token
+        of all its micro-batches on all ranks, step_tokens of them (counted by the data loader): exactly the
+        loss of one batch holding them all, however the rows are masked, padded or split."""
+        x, y, step_tokens = batch
         loss, extras = self.compute_loss(batch)
-        batch_size = batch[0].size(0)
-        self.log("train/loss", loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=batch_size)
-        for name, value in extras.items():
-            self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=batch_size)
-        return loss
+        share = loss * (y != IGNORE_INDEX).sum() / max(step_tokens, 1)  # this micro-batch's part of the mean
+        accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size
+        first, last = batch_idx % accumulate == 0, (batch_idx + 1) % accumulate == 0
+        self._step_sum = share.detach().float() + (0 if first else self._step_sum)
+        if last:
+            step_loss = self._step_sum
+            if world > 1:  # one scalar all-reduce per step: the step's loss over all ranks
+                step_loss = self.trainer.strategy.reduce(step_loss, reduce_op="sum")
+            self.step_loss = step_loss
+            self.log("train/loss", step_loss, on_step=True, on_epoch=False, prog_bar=True, batch_size=x.size(0))
+            for name, value in extras.items():
+                self.log(f"train/{name}", value, on_step=True, on_epoch=False, batch_size=x.size(0))
+        # Lightning divides what training_step returns by `accumulate`, and DDP/FSDP average gradients over the
+        # ranks: undo both, so the step's gradient is that of Σ (token losses) / step_tokens.
+        return share * accumulate * world
 
     # Validation is reduced by hand, so that probes outside Lightning's loop (`evaluate`) and the loop
     # itself share one computation: a mean over the labelled tokens, so batches of masked rows of different

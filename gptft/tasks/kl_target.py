@@ -37,7 +37,7 @@ class KLTarget(CausalLM):
     def compute_loss(
         self, batch: tuple[torch.Tensor, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        x, _ = batch
+        x = batch[0]
         log_q = F.log_softmax(self.logits(x).flatten(0, 1).float(), dim=-1)
         loss = F.kl_div(log_q, self.p_target.expand_as(log_q), reduction="batchmean")
         target_mass = log_q.detach()[:, self.target_ids].exp().sum(-1).mean()

@@ -20,6 +20,7 @@ from gptft.errors import ConfigError
 VOCAB_SIZE = 50257
 EOT_ID = 50256
 EOT = "<|endoftext|>"
+IGNORE_INDEX = -100  # a label with this value (padding, a masked prompt) never counts in a loss
 
 # The hashes tiktoken pins for gpt2 (tiktoken_ext/openai_public.py).
 SHA256 = {

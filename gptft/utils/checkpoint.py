@@ -57,10 +57,29 @@ def check_resumable(ckpt_path: str | None, model: torch.nn.Module) -> None:
         )
 
 
+# What a resumed run may change: settings that only extend the run or observe it. Anything else (the seed, the
+# data, the model, the task, freezing, the optimizer and schedule, precision, batch size, accumulation, the number
+# of devices) would change which batches, weights or optimizer state the rest of the run uses.
+RESUMABLE = (
+    "trainer.max_steps",
+    "trainer.val_check_interval",
+    "trainer.log_every_n_steps",
+    "trainer.enable_progress_bar",
+    "trainer.enable_model_summary",
+    "data.val_windows",
+    "data.val_pairs",
+    "data.pin_memory",
+    "model.compile",
+    "eval.",
+    "callbacks.",
+    "logger.",
+)
+
+
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config a `resume=<run folder>` run continues with: the run's own, plus the command line's plain
-    `key.path=value` overrides (e.g. trainer.max_steps=1000). Choices that would make it another run (a
-    group such as model=, the seed) are refused."""
+    """The config a `resume=<run folder>` run continues with: the run's own, plus the command line's overrides
+    of the settings in RESUMABLE (e.g. trainer.max_steps=1000). Anything that would make it another run (a
+    group such as model=, the seed, data.seed, freeze.*) is refused."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     run = Path(cfg.resume)
@@ -80,10 +99,11 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
         key = override.key_or_group
         if key in ("resume", "ckpt_path") or key.startswith("hydra."):
             continue
-        if "." not in key or override.is_delete():
+        if override.is_delete() or not key.startswith(RESUMABLE):
             raise ConfigError(
-                f"resume= continues a run with its own settings, so {override.input_line} cannot apply: start a "
-                f"new run for it, or give ckpt_path={last} with the full command line"
+                f"resume= continues a run exactly, so {override.input_line} cannot apply (it would change the "
+                "batches, weights or optimizer state; a resume may change only trainer.max_steps, validation, "
+                "eval.*, callbacks.* and logger.*): start a new run for it"
             )
         OmegaConf.update(resumed, key, override.value(), merge=False, force_add=override.is_add())
     resumed.resume, resumed.ckpt_path = str(run), str(last)
