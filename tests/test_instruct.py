@@ -9,9 +9,13 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptft.data import InstructPairs
-from gptft.data.instruct import PairBatches, Template, encode_pairs, length_stats, pad_batch
+from gptft.data.instruct import PairBatches
+from gptft.data.qa.lengths import length_stats
+from gptft.data.qa.rows import encode_pairs, pad_batch
+from gptft.data.qa.template import Template
 from gptft.errors import ConfigError
 from gptft.report import write_report
+from gptft.report.lengths import write_lengths_figure
 from gptft.text import EOT_ID, gpt2_encoding
 
 COURSE = Template()  # "QUESTION: {q} ANSWER: {a}."
@@ -119,8 +123,10 @@ def test_length_statistics_of_a_hand_made_file(suffix, tmp_path):
     # q = 2..4 lose answer tokens, q = 10 leaves no room for an answer at all (its question part is 17)
     assert s["truncated"] == {"train": 3, "test": 0} and s["dropped"] == {"train": 1, "test": 0}
     assert s["question_too_long"]["train"] == 1 and s["pairs"] == {"train": 4, "test": 1, "val": 1}
-    assert json.loads((tmp_path / "run" / "lengths.json").read_text()) == s
-    assert (tmp_path / "run" / "lengths.png").read_bytes()[:4] == b"\x89PNG"
+    written = json.loads((tmp_path / "run" / "lengths.json").read_text())
+    assert written.pop("tokens") == {"question": [1, 2, 3, 4, 10], "answer": [5] * 5} and written == s
+    # The report, not the data module, draws the histogram from what the data wrote.
+    assert write_lengths_figure(tmp_path / "run").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_length_stats_of_nothing_and_of_one():
@@ -269,7 +275,8 @@ def test_ten_step_instruct_run(data, pairs, run_ok, tmp_path):
         assert 1 <= m["median"] <= m["p90"] <= m["p99"] <= m["max"] and m["mean"] > 1
     assert s["row"]["max"] <= 128 and s["truncated"]["train"] > 0
     assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"] - 0.1
-    assert (out / "lengths.png").is_file() and json.loads((out / "lengths.json").read_text()) == s
+    written = json.loads((out / "lengths.json").read_text())
+    assert (out / "lengths.png").is_file() and {k: v for k, v in written.items() if k != "tokens"} == s
     after = (out / "samples" / "after.txt").read_text()
     assert 'QUESTION: Where does the word "butterfly" come from? ANSWER:' in after
     acc = EventAccumulator(str(out / "tensorboard"), size_guidance={"scalars": 0})

@@ -1,18 +1,14 @@
 """Question/answer pairs for instruction tuning, as one LightningDataModule with the loss mask built in.
 
-A row is the template's question part then its answer part then end-of-text, tokenised piece by piece so
-the boundary is exact. Batches are (x, y) with y already shifted; y holds IGNORE_INDEX (-100) on the
-question part (with `mask_prompt`) and on padding, so CausalLM's loss counts the answer tokens only.
-Which pairs batch k holds is a pure function of (seed, k) (a seeded permutation per epoch), so a resumed
-run sees the batches it would have seen.
+The pieces live in gptft.data.qa: reading the records (files), the template (template), the token rows with
+their loss mask and the length limit (rows), the length statistics (lengths). This file batches the rows:
+which pairs batch k holds is a pure function of (seed, k) (a seeded permutation per epoch), so a resumed run
+sees the batches it would have seen, and writes what the data measured (lengths.json).
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -22,251 +18,23 @@ import torch
 from torch.utils.data import DataLoader
 
 from gptft.config import LENGTH_POLICIES, ON_BAD_LINE, check_choice
+from gptft.data.qa.files import (
+    OFFLINE_CHOICES,
+    Fields,
+    extract_pairs,
+    hf_records,
+    read_records,
+    resolve_qa_file,
+)
+from gptft.data.qa.lengths import length_stats, token_counts
+from gptft.data.qa.rows import Encoded, Row, encode_pairs, pad_batch
+from gptft.data.qa.template import Template
 from gptft.data.windows import StepSampler, step_loader
 from gptft.errors import ConfigError
-from gptft.text.corpus import read_text, shared_data_dirs
-from gptft.text.tokenizer import EOT_ID, IGNORE_INDEX, gpt2_encoding
-from gptft.utils.io import atomic_write_bytes, atomic_write_json
+from gptft.utils.io import atomic_write_json
 from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
-
-OFFLINE_CHOICES = "data=gsm8k or data=dolly_open_qa (offline copies), or data.train_file=FILE"
-Record = tuple[str, dict[str, Any]]  # (where it came from, e.g. "file.jsonl line 3"; the fields)
-
-
-# ---------------------------------------------------------------- reading files
-
-
-def resolve_qa_file(name: str, setting: str, data_dir: str | Path = "data") -> Path:
-    """The file `name` as given, else in data_dir, else in the team's offline copy (../shared/data/*/)."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return path
-    if not path.is_absolute():
-        candidates = [Path(data_dir) / name]
-        for shared in shared_data_dirs():
-            candidates += [shared / name, *sorted(shared.glob(f"*/{name}"))]
-        for candidate in candidates:
-            if candidate.is_file():
-                return candidate
-    raise ConfigError(
-        f"{setting}={name} does not exist (looked as given, in {data_dir}/ and ../shared/data/*/): "
-        f"point it at a .jsonl, .json or .csv file, or use {OFFLINE_CHOICES}"
-    )
-
-
-def read_records(path: Path, setting: str, on_bad_line: str = "stop") -> tuple[list[Record], int]:
-    """(records, lines skipped) of a JSON lines, JSON (a list of objects) or CSV file."""
-    text = read_text(path, setting)
-    suffix = path.suffix.lower()
-    if suffix == ".csv":
-        reader = csv.DictReader(text.splitlines(keepends=True))
-        return [(f"{path.name} line {reader.line_num}", dict(row)) for row in reader], 0
-    if suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{setting}={path}: line {e.lineno} is not valid JSON ({e.msg})") from None
-        if not isinstance(items, list):
-            raise ConfigError(f"{setting}={path} holds a JSON {type(items).__name__}, not a list of objects")
-        return [(f"{path.name} item {i + 1}", item) for i, item in enumerate(items)], 0
-    records, skipped = [], 0
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        try:
-            records.append((f"{path.name} line {number}", json.loads(line)))
-        except json.JSONDecodeError as e:
-            if on_bad_line == "stop":
-                raise ConfigError(
-                    f"{setting}={path}: line {number} is not valid JSON ({e.msg}): fix the line or set "
-                    "data.on_bad_line=skip"
-                ) from None
-            skipped += 1
-    if skipped:
-        log.warning("%s: skipped %d lines that are not valid JSON (data.on_bad_line=skip)", path, skipped)
-    return records, skipped
-
-
-def hf_records(name: str, split: str) -> list[Record]:
-    """A Hugging Face dataset split, through the optional `datasets` package (not a gptft dependency)."""
-    try:
-        import datasets
-    except ImportError:
-        raise ConfigError(
-            f"data.hf_dataset={name}: needs the Hugging Face `datasets` package (pip install datasets) and the "
-            f"network; without them use {OFFLINE_CHOICES}"
-        ) from None
-    from gptft.models.build import _hub_unreachable  # the same ≤ 3 s reachability check as for weights
-
-    why = _hub_unreachable()
-    if why:
-        raise ConfigError(f"data.hf_dataset={name}: cannot be downloaded ({why}); use {OFFLINE_CHOICES}")
-    try:
-        rows = datasets.load_dataset(name, split=split)
-    except Exception as e:  # noqa: BLE001 - any failure of the hub or the dataset becomes one line
-        raise ConfigError(
-            f"data.hf_dataset={name}: split {split} could not be loaded ({e}); use {OFFLINE_CHOICES}"
-        ) from None
-    return [(f"{name} {split} row {i + 1}", dict(row)) for i, row in enumerate(rows)]
-
-
-@dataclass(frozen=True)
-class Fields:
-    """How a record holds its question and answer: two fields, or one text field split at a marker."""
-
-    question: str = "question"
-    answer: str = "answer"
-    text: str | None = None
-    split_marker: str | None = None
-    question_marker: str | None = None
-
-    def pair(self, where: str, record: Any) -> tuple[str, str]:
-        """(question, answer) of one record; ConfigError naming the record and what it lacks."""
-        if not isinstance(record, dict):
-            raise ConfigError(f"{where} is a JSON {type(record).__name__}, not an object with fields")
-        wanted = [self.text] if self.text else [self.question, self.answer]
-        missing = [f for f in wanted if record.get(f) in (None, "")]
-        if missing:
-            setting = "data.text_field" if self.text else "data.question_field / data.answer_field"
-            raise ConfigError(
-                f"{where} has no field {', '.join(map(repr, missing))} ({setting}): its fields are "
-                f"{', '.join(map(repr, record)) or 'none'}"
-            )
-        if not self.text:
-            return str(record[self.question]).strip(), str(record[self.answer]).strip()
-        text = str(record[self.text])
-        if self.split_marker not in text:
-            raise ConfigError(
-                f"{where}: field {self.text!r} has no data.split_marker={self.split_marker!r} between question "
-                "and answer"
-            )
-        question, answer = (s.strip() for s in text.split(self.split_marker, 1))
-        if self.question_marker and question.startswith(self.question_marker):
-            question = question[len(self.question_marker) :].strip()
-        return question, answer
-
-
-def extract_pairs(
-    records: list[Record], fields: Fields, on_bad_line: str
-) -> tuple[list[tuple[str, str]], int]:
-    """(question, answer) pairs and the number of records skipped (on_bad_line=skip)."""
-    pairs, skipped = [], 0
-    for where, record in records:
-        try:
-            pairs.append(fields.pair(where, record))
-        except ConfigError as e:
-            if on_bad_line == "stop":
-                raise ConfigError(f"{e}: fix the data or set data.on_bad_line=skip") from None
-            skipped += 1
-    if skipped:
-        log.warning("skipped %d records without a question and an answer (data.on_bad_line=skip)", skipped)
-    return pairs, skipped
-
-
-# ---------------------------------------------------------------- tokens, masks, lengths
-
-
-@dataclass(frozen=True)
-class Template:
-    """row = question_prefix + q + question_suffix | answer_prefix + a + answer_suffix + end-of-text."""
-
-    question_prefix: str = "QUESTION: "
-    question_suffix: str = " ANSWER:"
-    answer_prefix: str = " "
-    answer_suffix: str = "."
-
-    def question(self, q: str) -> str:
-        return f"{self.question_prefix}{q}{self.question_suffix}"
-
-    def answer(self, a: str) -> str:
-        return f"{self.answer_prefix}{a}{self.answer_suffix}"
-
-
-@dataclass
-class Row:
-    """One training row: its token ids and how many of them are the question part."""
-
-    ids: torch.Tensor
-    n_prompt: int
-
-
-@dataclass
-class Encoded:
-    rows: list[Row]
-    truncated: int = 0
-    dropped: int = 0
-    question_too_long: int = 0  # dropped because the question part alone leaves no room for an answer
-
-
-def encode_pairs(
-    pairs: list[tuple[str, str]], template: Template, max_length: int, policy: str = "truncate"
-) -> Encoded:
-    """Token rows of `pairs`, at most `max_length` tokens each (end-of-text included).
-
-    A longer row keeps its whole question and loses the end of its answer (policy truncate; the end-of-text
-    goes too, so the model is never taught to stop mid-answer) or is dropped (policy drop). A question part
-    that leaves no room for one answer token is dropped under both policies.
-    """
-    enc = gpt2_encoding()
-    questions = enc.encode_ordinary_batch([template.question(q) for q, _ in pairs])
-    answers = enc.encode_ordinary_batch([template.answer(a) for _, a in pairs])
-    out = Encoded(rows=[])
-    for q_ids, a_ids in zip(questions, answers, strict=True):
-        ids = q_ids + a_ids + [EOT_ID]
-        if len(q_ids) + 1 > max_length:
-            out.dropped += 1
-            out.question_too_long += 1
-            continue
-        if len(ids) > max_length:
-            if policy == "drop":
-                out.dropped += 1
-                continue
-            ids = ids[:max_length]
-            out.truncated += 1
-        out.rows.append(Row(torch.tensor(ids, dtype=torch.long), len(q_ids)))
-    return out
-
-
-def pad_batch(rows: list[Row], mask_prompt: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) padded on the right to the longest row: x with end-of-text, y with IGNORE_INDEX.
-
-    y[j] is the token after x[j]; with `mask_prompt` only the targets from the first answer token on
-    (answer, suffix, end-of-text) keep their label.
-    """
-    length = max(len(r.ids) for r in rows) - 1
-    x = torch.full((len(rows), length), EOT_ID, dtype=torch.long)
-    y = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-    for i, row in enumerate(rows):
-        n = len(row.ids) - 1
-        x[i, :n], y[i, :n] = row.ids[:-1], row.ids[1:]
-        if mask_prompt:
-            y[i, : row.n_prompt - 1] = IGNORE_INDEX
-    return x, y
-
-
-def length_stats(counts: list[int]) -> dict[str, float]:
-    """count, mean, median, 90th and 99th percentile (linear interpolation) and max of token counts."""
-    if not counts:
-        return {"count": 0}
-    t = torch.tensor(counts, dtype=torch.float64)
-    p50, p90, p99 = torch.quantile(t, torch.tensor([0.5, 0.9, 0.99], dtype=torch.float64)).tolist()
-    return {
-        "count": len(counts),
-        "mean": round(t.mean().item(), 2),
-        "median": p50,
-        "p90": round(p90, 2),
-        "p99": round(p99, 2),
-        "max": int(t.max().item()),
-    }
-
-
-def token_counts(texts: list[str]) -> list[int]:
-    return [len(ids) for ids in gpt2_encoding().encode_ordinary_batch(texts)]
-
-
-# ---------------------------------------------------------------- batches
 
 
 class PairBatches(StepSampler):
@@ -297,9 +65,6 @@ class PairBatches(StepSampler):
         return pad_batch([self.rows[i] for i in self.indices(micro_step, rank)], self.mask_prompt)
 
 
-# ---------------------------------------------------------------- the data module
-
-
 class InstructPairs(L.LightningDataModule):
     """Question/answer pairs from JSON lines, JSON, CSV or a Hugging Face dataset, as masked (x, y) batches.
 
@@ -307,7 +72,7 @@ class InstructPairs(L.LightningDataModule):
     test split, or else a seeded `test_fraction` of the training pairs. `val_pairs` fixed test pairs give
     the test loss and the probes' held-out loss. At setup the token lengths of questions and answers, and
     how many rows the `max_length` policy cut or dropped, are logged, kept for metrics.json (`metrics()`)
-    and written to `out_dir` (lengths.json, lengths.png).
+    and written to `out_dir` (lengths.json, with every pair's counts, from which the report draws lengths.png).
     """
 
     def __init__(
@@ -443,7 +208,8 @@ class InstructPairs(L.LightningDataModule):
         }
 
     def _report(self) -> None:
-        """Log the length statistics; write lengths.json and lengths.png to out_dir."""
+        """Log the length statistics; write them, with every pair's token counts, to out_dir/lengths.json (the
+        report draws their histogram, lengths.png)."""
         s = self.lengths
         for what in ("question", "answer", "row"):
             m = s[what]
@@ -455,17 +221,8 @@ class InstructPairs(L.LightningDataModule):
             "max_length %d (%s): truncated %s, dropped %s; pairs %s",
             s["max_length"], s["length_policy"], s["truncated"], s["dropped"], s["pairs"],
         )  # fmt: skip
-        if not self.hparams.out_dir:
-            return
-        from gptft.report.figures import length_histogram_figure, png_bytes
-
-        out = Path(self.hparams.out_dir)
-        atomic_write_json(out / "lengths.json", s)
-        fig = length_histogram_figure(self._raw_counts, title=f"Token lengths: {s['source']} (train)")
-        atomic_write_bytes(out / "lengths.png", png_bytes(fig))
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        if self.hparams.out_dir:
+            atomic_write_json(Path(self.hparams.out_dir) / "lengths.json", {**s, "tokens": self._raw_counts})
 
     def metrics(self) -> dict[str, Any]:
         """What goes into metrics.json: the length statistics under `lengths`."""

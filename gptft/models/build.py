@@ -23,7 +23,7 @@ from gptft.text.tokenizer import VOCAB_SIZE
 log = logging.getLogger(__name__)
 
 
-def _hub_unreachable() -> str | None:
+def hub_unreachable() -> str | None:
     """Why the Hugging Face hub cannot be used right now, or None if it can (checked in ≤ 3 s, no retries)."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
         return "HF_HUB_OFFLINE is set"
@@ -62,7 +62,7 @@ def _load(loader: Any, name_or_path: str, **kwargs: Any) -> Any:
     except OSError:
         if local:
             raise
-    why = _hub_unreachable()
+    why = hub_unreachable()
     if why:
         raise ConfigError(
             f"model.name_or_path={name_or_path}: weights are not in the Hugging Face cache and {why}: download "

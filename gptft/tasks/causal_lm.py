@@ -7,12 +7,13 @@ stay here.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
+from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
 from gptft.errors import ConfigError
@@ -25,7 +26,11 @@ from gptft.utils.seeding import derive_seed
 def lr_lambda(
     schedule: str, warmup_steps: int, max_steps: int, min_lr_ratio: float = 0.0
 ) -> Callable[[int], float]:
-    """Multiplier of the base lr at each step: linear warmup, then constant or cosine decay to min_lr_ratio."""
+    """Multiplier of the base lr at each step: linear warmup, then constant or cosine decay to min_lr_ratio.
+
+    Not transformers' get_*_schedule_with_warmup: their warmup starts at step/warmup, so the first step trains
+    at lr 0 (a wasted step); this one starts at (step + 1)/warmup, as nanoGPT does. After the warmup the two agree.
+    """
     if schedule not in ("constant", "cosine"):
         raise ConfigError(f"schedule.name={schedule} is unknown: use constant or cosine")
 
@@ -50,17 +55,22 @@ class CausalLM(L.LightningModule):
         schedule: Mapping[str, Any],
         loss_chunk: int = 0,
         seed: int = 0,
+        no_decay: Sequence[str] = (),
     ):
+        """`no_decay`: names of the model's tensors trained only in part (freezing's qkv_parts), which must get
+        no weight decay: decay would move their frozen part."""
         super().__init__()
         self.model = model
+        self.no_decay = set(no_decay)
         self.save_hyperparameters(
             {"optim": dict(optim), "schedule": dict(schedule), "loss_chunk": loss_chunk, "seed": seed}
         )
         head = model.get_output_embeddings()
         # The chunked loss needs a bias-free linear head (GPT-2, GPT-Neo); others keep the standard path.
         self.loss_chunk = loss_chunk if isinstance(head, torch.nn.Linear) and head.bias is None else 0
-        self._val_sum = torch.zeros(())
-        self._val_count = torch.zeros(())
+        # Validation: a mean over the labelled tokens, so batches of masked rows of different lengths (question/
+        # answer pairs) weigh by what they hold; synced over the ranks when computed.
+        self.val_mean = MeanMetric(nan_strategy="disable")  # a nan loss must show, not be dropped
         self._step_sum = torch.zeros(())
         # The loss of the latest optimizer step over all its micro-batches and ranks (a detached device tensor):
         # what train/loss shows and metrics.json keeps.
@@ -130,20 +140,16 @@ class CausalLM(L.LightningModule):
         # ranks: undo both, so the step's gradient is that of Σ (token losses) / step_tokens.
         return share * accumulate * world
 
-    # Validation is reduced by hand, so that probes outside Lightning's loop (`evaluate`) and the loop
-    # itself share one computation: a mean over the labelled tokens, so batches of masked rows of different
-    # lengths (question/answer pairs) weigh by what they hold. Sums stay on the device until the end.
+    # Lightning's loop and the probes outside it (`evaluate`) share one computation: the MeanMetric.
     def on_validation_epoch_start(self) -> None:
-        self._val_sum = torch.zeros((), device=self.device)
-        self._val_count = torch.zeros((), device=self.device)
+        self.val_mean.reset()
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         n = (batch[1] != IGNORE_INDEX).sum()
-        self._val_sum = self._val_sum + self.compute_loss(batch)[0].detach().float() * n
-        self._val_count = self._val_count + n
+        self.val_mean.update(self.compute_loss(batch)[0].detach().float(), weight=n)
 
     def val_loss(self) -> float:
-        return (self._val_sum / self._val_count.clamp(min=1)).item()
+        return self.val_mean.compute().item()
 
     def on_validation_epoch_end(self) -> None:
         metrics = self.loss_metrics(self.val_loss())
@@ -162,11 +168,11 @@ class CausalLM(L.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt, sched = self.hparams.optim, self.hparams.schedule
-        params = [p for p in self.parameters() if p.requires_grad]  # frozen weights never reach the optimizer
-        # Tensors trained only in part (freezing.qkv_parts) get no decay, which would move their frozen part.
+        # Frozen weights never reach the optimizer; tensors trained only in part get no decay.
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if not getattr(p, "_gptft_no_decay", False)]},
-            {"params": [p for p in params if getattr(p, "_gptft_no_decay", False)], "weight_decay": 0.0},
+            {"params": [p for n, p in named if n not in self.no_decay]},
+            {"params": [p for n, p in named if n in self.no_decay], "weight_decay": 0.0},
         ]
         fused = opt.get("fused")
         if fused is None:  # fused kernels where torch has them for this device, else foreach

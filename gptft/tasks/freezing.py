@@ -98,9 +98,10 @@ def apply_freeze(
         raise ConfigError(
             f"freeze={name} leaves nothing trainable: loosen freeze.frozen or widen freeze.trainable"
         )
-    _mask_qkv(model, train_patterns, qkv_parts, name)
+    masked = _mask_qkv(model, train_patterns, qkv_parts, name)
     report = freeze_table(model)
     report["strategy"] = name
+    report["no_decay"] = masked  # trained in part: the task must not decay them (CausalLM's `no_decay`)
     return report
 
 
@@ -116,13 +117,14 @@ def _check_patterns(raw_patterns: dict[str, Sequence[str]], layers: list[int], u
             )
 
 
-def _mask_qkv(model: torch.nn.Module, train_patterns: list[str], parts: Sequence[str], name: str) -> None:
+def _mask_qkv(model: torch.nn.Module, train_patterns: list[str], parts: Sequence[str], name: str) -> list[str]:
+    """Mask the untrained thirds' gradients of the matched c_attn tensors; return those tensors' names."""
     parts = list(parts)
     if sorted(parts) == sorted(QKV):
-        return
+        return []
     if not parts or any(part not in QKV for part in parts):
         raise ConfigError(f"freeze.qkv_parts={parts}: use a non-empty subset of [q, k, v]")
-    masked = 0
+    masked = []
     for pname, p in model.named_parameters():
         if (
             p.requires_grad
@@ -135,15 +137,15 @@ def _mask_qkv(model: torch.nn.Module, train_patterns: list[str], parts: Sequence
                 start = QKV.index(part) * width
                 keep[start : start + width] = 1
             p.register_hook(lambda grad, keep=keep: grad * keep)
-            p._gptft_no_decay = True  # decay would move the untrained thirds
-            masked += 1
-    if masked == 0:
+            masked.append(pname)  # decay would move the untrained thirds
+    if not masked:
         raise ConfigError(
             f"freeze={name}: qkv_parts={parts} needs fused c_attn tensors (GPT-2) among the trainable ones"
         )
     log.info(
-        "freeze=%s: only the %s third(s) of %d fused c_attn tensors train", name, "/".join(parts), masked
+        "freeze=%s: only the %s third(s) of %d fused c_attn tensors train", name, "/".join(parts), len(masked)
     )
+    return masked
 
 
 def freeze_table(model: torch.nn.Module) -> dict[str, Any]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -27,8 +27,9 @@ class KLTarget(CausalLM):
         target: Mapping[str, Any],
         loss_chunk: int = 0,  # accepted for a uniform interface; this loss keeps full logits (see compute_loss)
         seed: int = 0,
+        no_decay: Sequence[str] = (),
     ):
-        super().__init__(model, optim, schedule, loss_chunk=0, seed=seed)
+        super().__init__(model, optim, schedule, loss_chunk=0, seed=seed, no_decay=no_decay)
         self.save_hyperparameters({"target": dict(target)})
         p_target, ids = target_distribution(**target)
         self.register_buffer("p_target", p_target, persistent=False)
