@@ -9,7 +9,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import lightning as L
 import torch
@@ -20,6 +20,14 @@ from gptft.utils.clock import device_clock
 from gptft.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
+
+
+@runtime_checkable
+class Measures(Protocol):
+    """A callback that measures: RunRecord merges what `metrics()` returns into metrics.json (key by key, so
+    several callbacks may each add measures under "before" and "after")."""
+
+    def metrics(self) -> dict[str, Any]: ...
 
 
 def status_of(exception: BaseException) -> str:
@@ -192,7 +200,7 @@ class RunRecord(L.Callback):
 
     def _gather_and_write(self, trainer: L.Trainer) -> None:
         for callback in trainer.callbacks:
-            if callback is not self and hasattr(callback, "metrics"):
+            if callback is not self and isinstance(callback, Measures):
                 merge_into(self.data, callback.metrics())
         if trainer.is_global_zero:
             self.write()

@@ -13,11 +13,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
 from gptft.config import LENGTH_POLICIES, ON_BAD_LINE, check_choice
+from gptft.data.base import TrainData
 from gptft.data.qa.files import (
     OFFLINE_CHOICES,
     Fields,
@@ -65,7 +65,7 @@ class PairBatches(StepSampler):
         return pad_batch([self.rows[i] for i in self.indices(micro_step, rank)], self.mask_prompt)
 
 
-class InstructPairs(L.LightningDataModule):
+class InstructPairs(TrainData):
     """Question/answer pairs from JSON lines, JSON, CSV or a Hugging Face dataset, as masked (x, y) batches.
 
     Training pairs come from `train_file` (or the dataset's train split); test pairs from `test_file`, the

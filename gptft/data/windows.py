@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from gptft.config import SOURCES, SPLITS, check_choice
+from gptft.data.base import TrainData
 from gptft.errors import ConfigError
 from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
 from gptft.text.tokenizer import IGNORE_INDEX, VOCAB_SIZE
@@ -212,7 +213,7 @@ class _FixedWindows(Dataset):
         return self.x[i], self.y[i]
 
 
-class BookWindows(L.LightningDataModule):
+class BookWindows(TrainData):
     """Random training windows from one part of a book, a fixed set of test windows from the other.
 
     `source="random_tokens"` trains on fresh random token ids instead (the KL study's course setting);

@@ -1,0 +1,25 @@
+"""What gptft asks of a training data module, beside Lightning's own hooks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+
+
+class TrainData(L.LightningDataModule):
+    """A LightningDataModule for gptft's tasks and probes.
+
+    - `train_dataloader()` yields (x, y, step_tokens) micro-batches from a step sampler (gptft.data.windows:
+      `step_loader`), so a batch is a pure function of (seed, step) and the step's labelled tokens are known;
+    - `val_dataloader()` yields fixed (x, y) batches, y = IGNORE_INDEX where nothing is to be learned;
+    - `train_token_ids()`: every token id of the training text, which the probes compare generated text with;
+    - `metrics()`: what the data measured at setup, merged into metrics.json (default: nothing).
+    """
+
+    def train_token_ids(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, Any]:
+        return {}
