@@ -1,36 +1,73 @@
-"""Training-step speed and memory: gptft vs a bare PyTorch loop vs the Hugging Face Trainer.
+"""Training-step speed and memory: gptft vs a bare PyTorch loop vs the Hugging Face Trainer, and how close each
+comes to the machine's limit.
 
 Run by hand (`make bench`). GPT-2 with 4 layers, d 256, context 256, batch 8 × 256, the same Gulliver
 batches for every variant, the same thread count; interleaved repeats; medians of per-step times after
-warm-up steps. Peak memory is the growth of the process's peak RSS during training steps, each variant in a
+warm-up steps. The limit is the machine's matrix-product ceiling (GFLOP/s of a large square product) in the
+precision each variant trains in, measured in every repeat beside the variants; a variant's achieved GFLOP/s is
+its model FLOPs per step (gptft.models.flops: 6·N + 12·L·d·T per token) over its time per step. The Hugging Face
+Trainer runs in its faster precision here: bf16 where the CPU does bf16 natively (the rule trainer.precision=auto
+follows), else fp32. Peak memory is the growth of the process's peak RSS during training steps, each variant in a
 fresh subprocess. Prints a table and writes outputs/benchmarks/train_step.json.
 """
 
 from __future__ import annotations
 
+import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
+import lightning as L
 import torch
 import torch.nn.functional as F
 
+from gptft.models.precision import cpu_bf16_native, resolve_precision
 from gptft.utils.io import atomic_write_json
 
 ARCH = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}
 BATCH, SEQ, WARMUP, STEPS, REPEATS = 8, 256, 2, 8, 3
-VARIANTS = ("bare fp32 loop", "HF Trainer bf16", "gptft fp32, full logits", "gptft fp32", "gptft defaults")
+HF_BF16 = cpu_bf16_native()  # the Trainer's faster precision on this CPU
+HF = f"HF Trainer {'bf16' if HF_BF16 else 'fp32'}"
+VARIANTS = ("bare fp32 loop", HF, "gptft fp32, full logits", "gptft fp32", "gptft defaults")
+# The precision each variant trains in: its share is taken of the ceiling in that precision.
+PRECISION = {"bare fp32 loop": "32-true", HF: "bf16-mixed" if HF_BF16 else "32-true", "gptft fp32, full logits":
+             "32-true", "gptft fp32": "32-true", "gptft defaults": resolve_precision("auto", "cpu")}  # fmt: skip
+
+
+def matmul_gflops(
+    dtype: torch.dtype, device: str | torch.device = "cpu", n: int = 2048, repeats: int = 5
+) -> float:
+    """The matrix-product ceiling: GFLOP/s of an n × n × n product in `dtype` (2·n³ FLOPs), the median of
+    `repeats` timings after one warm-up product; on a GPU each timing covers 10 products between two syncs."""
+    device = torch.device(device)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    inner = 10 if device.type == "cuda" else 1
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b
+    rates = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        for _ in range(inner):
+            a @ b
+        sync()
+        rates.append(2 * n**3 * inner / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def data_dir() -> str:
+    return os.environ.get("GPTFT_DATA_DIR", "data")
 
 
 def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from gptft.data import BookWindows
 
-    data = BookWindows(seq_len=SEQ, batch_size=BATCH)
+    data = BookWindows(seq_len=SEQ, batch_size=BATCH, data_dir=data_dir())
     data.setup("fit")
-    return [data.train_sampler.batch(k) for k in range(n)]
+    return [data.train_sampler.batch(k)[:2] for k in range(n)]
 
 
 def fresh_model() -> torch.nn.Module:
@@ -58,7 +95,7 @@ def bare_loop(data: list) -> list[float]:
 
 
 def hf_trainer(data: list) -> list[float]:
-    """transformers.Trainer with bf16=True on the same windows (it shifts the labels itself)."""
+    """transformers.Trainer in its faster precision here, on the same windows (it shifts the labels itself)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     class Rows(torch.utils.data.Dataset):
@@ -89,7 +126,7 @@ def hf_trainer(data: list) -> list[float]:
             max_steps=len(data),
             learning_rate=1e-3,
             weight_decay=0.01,
-            bf16=True,
+            bf16=HF_BF16,
             use_cpu=True,
             logging_steps=10_000,
             save_strategy="no",
@@ -102,12 +139,24 @@ def hf_trainer(data: list) -> list[float]:
     return clock.times
 
 
-def gptft(data: list, precision: str, loss_chunk: int) -> list[float]:
-    """gptft's own path: CausalLM + Lightning Trainer + RunRecord timing, on the same batches."""
-    import lightning as L
+class StepTimes(L.Callback):
+    """Each training batch's time: forward, backward and optimizer step, as the bare loop times them."""
 
-    from gptft.callbacks import RunRecord
-    from gptft.models.precision import resolve_precision
+    def __init__(self):
+        self.times: list[float] = []
+        self._start = 0.0
+
+    def on_train_batch_start(self, *args: object) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def gptft(data: list, precision: str, loss_chunk: int) -> list[float]:
+    """gptft's own path: CausalLM and its data module (the same batches: batch k of the seed's draw) through a
+    Lightning Trainer, as `python -m gptft.run` trains."""
+    from gptft.data import BookWindows
     from gptft.tasks import CausalLM
     from gptft.utils.logs import quiet_lightning
 
@@ -115,26 +164,28 @@ def gptft(data: list, precision: str, loss_chunk: int) -> list[float]:
     task = CausalLM(
         fresh_model(), {"lr": 1e-3, "weight_decay": 0.01}, {"name": "constant"}, loss_chunk=loss_chunk
     )
+    clock = StepTimes()
     with tempfile.TemporaryDirectory() as out:
-        record = RunRecord(Path(out) / "metrics.json")
         trainer = L.Trainer(
             accelerator="cpu",
             precision=resolve_precision(precision, "cpu"),
             max_steps=len(data),
+            limit_val_batches=0,
             logger=False,
-            callbacks=[record],
+            callbacks=[clock],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
+            default_root_dir=out,
         )
-        trainer.fit(task, train_dataloaders=torch.utils.data.DataLoader(data, batch_size=None))
-    return record._batch_times
+        trainer.fit(task, datamodule=BookWindows(seq_len=SEQ, batch_size=BATCH, data_dir=data_dir()))
+    return clock.times
 
 
 def run_variant(name: str, data: list) -> list[float]:
     if name == "bare fp32 loop":
         return bare_loop(data)
-    if name == "HF Trainer bf16":
+    if name == HF:
         return hf_trainer(data)
     if name == "gptft fp32, full logits":
         return gptft(data, "32-true", 0)
@@ -173,21 +224,45 @@ print((kb("VmHWM") - base) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def ceilings() -> dict[str, float]:
+    """GFLOP/s of the matrix-product ceiling in each precision trained here."""
+    return {"32-true": matmul_gflops(torch.float32), "bf16-mixed": matmul_gflops(torch.bfloat16)}
+
+
 def main() -> None:
     data = batches(WARMUP + STEPS)
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    ceiling_runs: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
     for repeat in range(REPEATS):
+        for precision, gflops in ceilings().items():
+            ceiling_runs[precision].append(gflops)
+        print(f"repeat {repeat}: ceiling fp32 {ceiling_runs['32-true'][-1]:.0f}, bf16 "
+              f"{ceiling_runs['bf16-mixed'][-1]:.0f} GFLOP/s", flush=True)  # fmt: skip
         for name in VARIANTS:
             step_times = run_variant(name, data)[WARMUP:]
             times[name].append(statistics.median(step_times))
             print(f"repeat {repeat}: {name:<26} {times[name][-1]:.3f} s/step", flush=True)
     medians = {name: statistics.median(v) for name, v in times.items()}
+    ceiling = {p: statistics.median(v) for p, v in ceiling_runs.items()}
+    from gptft.models.flops import model_flops_per_token
+
+    flops_per_step = model_flops_per_token(fresh_model(), SEQ) * BATCH * SEQ
     tokens = BATCH * SEQ
-    print(f"\n{'variant':<26}{'s/step':>9}{'tokens/s':>10}{'vs bare fp32':>14}{'vs HF bf16':>12}")
+    print(
+        f"\nmodel FLOPs per step {flops_per_step / 1e9:.1f} G; matrix-product ceiling (median of {REPEATS}): "
+        f"fp32 {ceiling['32-true']:.0f} GFLOP/s, bf16 {ceiling['bf16-mixed']:.0f} GFLOP/s; {torch.get_num_threads()} threads"
+    )
+    print(f"{'variant':<26}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
+          f"{'vs bare fp32':>14}{'vs HF':>8}")  # fmt: skip
+    rows = {}
     for name, m in medians.items():
+        achieved = flops_per_step / m / 1e9
+        share = achieved / ceiling[PRECISION[name]]
+        rows[name] = {"precision": PRECISION[name], "s_per_step": m, "tokens_per_s": tokens / m, "gflops": achieved,
+                      "share_of_ceiling": share, "vs_bare": medians["bare fp32 loop"] / m, "vs_hf": medians[HF] / m}  # fmt: skip
         print(
-            f"{name:<26}{m:>9.3f}{tokens / m:>10.0f}{medians['bare fp32 loop'] / m:>13.2f}×"
-            f"{medians['HF Trainer bf16'] / m:>11.2f}×"
+            f"{name:<26}{PRECISION[name]:>11}{m:>8.3f}{tokens / m:>10.0f}{achieved:>9.0f}{share:>10.0%} "
+            f"{medians['bare fp32 loop'] / m:>12.2f}×{medians[HF] / m:>7.2f}×"
         )
     memory = {"full logits": peak_memory_mb(0), "chunked (512 rows)": peak_memory_mb(512)}
     ratio = memory["chunked (512 rows)"] / memory["full logits"]
@@ -195,11 +270,12 @@ def main() -> None:
         f"\npeak memory of fp32 training steps above weights + grads + AdamW state: full logits {memory['full logits']:.0f} MB, "
         f"chunked {memory['chunked (512 rows)']:.0f} MB, ratio {ratio:.2f} (target ≤ 0.6)"
     )
-    print(f"threads={torch.get_num_threads()}")
     atomic_write_json(
         "outputs/benchmarks/train_step.json",
-        {"repeats": times, "medians": medians, "memory_mb": memory, "memory_ratio": ratio},
-    )
+        {"repeats": times, "medians": medians, "ceiling_gflops": ceiling, "ceiling_repeats": ceiling_runs,
+         "flops_per_step": flops_per_step, "threads": torch.get_num_threads(), "variants": rows,
+         "memory_mb": memory, "memory_ratio": ratio},
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,0 +1,761 @@
+"""The GPU check: proves gptft's GPU path on one CUDA device, and measures it, in a few minutes.
+
+    make gpu-check                            # installs what a GPU image lacks, then runs this on the GPU
+    python benchmarks/gpu_check.py [--out DIR] [--jobs N] [--experiments lr_sweep,kl_x]
+    python benchmarks/gpu_check.py --cpu      # the same checks at tiny sizes on the CPU (CI: tests/test_gpu_check.py)
+
+Correctness (the exit status is 1 if one fails):
+- chunked loss: CausalLM.compute_loss with model.loss_chunk under bf16 autocast against the standard loss,
+  the loss value and every gradient;
+- SDPA: the models use it, its fused kernel (flash) runs forward and backward, and matches eager attention;
+- fused AdamW: CausalLM picks it on the device, and a Lightning run with it matches one with foreach AdamW;
+- model.compile=true: losses match the eager run, and no `_orig_mod.` in state_dict, checkpoint or export;
+- every experiment end to end (`python -m gptft.run experiment=X trainer=gpu trainer.max_steps=3`), on models
+  of the GPT-2 preset shapes built from their configs and saved with save_pretrained (no hub weights needed).
+Speed: GPT-2 124M (conf/model/scratch.yaml at context 1024), batch 16 × 1024 tokens of the book, bf16-mixed,
+eager and compiled: s/step, tokens/s, MFU against the device's dense bf16 peak and the share of the matrix-product
+ceiling measured here; peak memory with the chunked loss and with the standard one.
+
+Each check prints one PASS/FAIL line with its numbers; <out>/gpu_check.json and <out>/gpu_check.md (default
+outputs/gpu_check/<time>/) hold them all, written atomically.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # gptft from this checkout, installed or not
+from train_step import matmul_gflops  # noqa: E402  (benchmarks/ is a folder of scripts, not a package)
+
+NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+# Widths of the Hugging Face GPT-2 checkpoints (their config.json): (n_layer, n_embd, n_head), context 1024.
+GPT2_PRESETS = {
+    "gpt2": (12, 768, 12),
+    "gpt2-medium": (24, 1024, 16),
+    "gpt2-large": (36, 1280, 20),
+    "gpt2-xl": (48, 1600, 25),
+}
+# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s from the vendors' datasheets, most specific name first.
+# Lightning's table (get_available_flops) lacks a plain "NVIDIA H200" and lists the with-sparsity figure for some
+# chips (H200 SXM: 2.0e15), so the lower of the two is used where both know the chip.
+DENSE_BF16_PEAK = {
+    "gh200": 989e12,
+    "h200": 989e12,
+    "h100 nvl": 835e12,
+    "h100 pcie": 756e12,
+    "h100": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l40s": 362e12,
+    "l4": 121e12,
+    "rtx 4090": 165e12,
+    "a10g": 70e12,
+}
+# One lr of a sweep is enough to prove a study's path; the freezing study keeps both arms (the pairing is its point).
+EXPERIMENT_OVERRIDES = {"lr_sweep": ["optim.lr=1e-4"], "kl_x": ["optim.lr=1e-4"]}
+EXPERIMENTS = ("lr_sweep", "kl_x", "freeze_attention", "instruct", "learn_forget")
+
+
+@dataclass(frozen=True)
+class Size:
+    """What --cpu shrinks: the model and batch of the speed runs, step counts, the experiments' shapes."""
+
+    model_conf: str  # conf/model/<name>.yaml: the arch of the correctness and speed model
+    context: int
+    batch: int
+    seq: int
+    check_batch: int  # rows of the chunked-vs-standard comparison (the standard loss holds all its logits)
+    warmup: int
+    steps: int
+    loss_chunk: int
+    compile_backend: str
+    preset_dims: dict[str, tuple[int, int, int]] | None  # None: the real GPT-2 preset widths
+    trainer: str
+    exp_steps: int
+    book_overrides: tuple[str, ...]
+    qa_overrides: tuple[str, ...]
+    matmul_n: int
+    experiment_extra: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+
+GPU = Size(
+    "scratch", 1024, 16, 1024, 8, 3, 10, 512, "inductor", None, "gpu", 3,
+    ("data.val_windows=8", "eval.max_new_tokens=20"),
+    ("data.val_pairs=8", "eval.max_new_tokens=20"),
+    8192,
+)  # fmt: skip
+# Inductor's C++ code generation takes about a minute on 2 cores; aot_eager traces the same graphs through
+# Dynamo and AOT autograd (graph breaks, recompiles, parameter names) without generating code.
+CPU = Size(
+    "tiny", 256, 2, 64, 2, 1, 1, 32, "aot_eager", {k: (2, 64, 2) for k in GPT2_PRESETS}, "cpu", 2,
+    ("data.seq_len=64", "data.batch_size=2", "data.val_windows=2", "eval.max_new_tokens=8"),
+    ("data.max_length=128", "data.batch_size=2", "data.val_pairs=4", "eval.max_new_tokens=8"),
+    1024,
+    {"learn_forget": ("freeze=none,lora",)},  # two of its four arms: full fine-tuning and the PEFT path
+)  # fmt: skip
+
+
+@dataclass
+class Check:
+    name: str
+    ok: bool
+    summary: str
+    kind: str = "correctness"  # correctness | speed | experiment
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def line(self) -> str:
+        return f"{'PASS' if self.ok else 'FAIL'} {self.name}: {self.summary}"
+
+
+# ---------------------------------------------------------------- the device
+
+
+def device_info(size: Size, device: torch.device) -> dict[str, Any]:
+    """Name, precision, the dense peak (FLOP/s) and the matrix-product ceiling measured here, in that precision."""
+    from gptft.models.precision import resolve_precision
+
+    precision = resolve_precision("auto", device.type)
+    dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+    info: dict[str, Any] = {"type": device.type, "torch": torch.__version__, "precision": precision}
+    if device.type == "cuda":
+        info.update(name=torch.cuda.get_device_name(device), cuda=torch.version.cuda)
+        info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(device)))
+        info["peak_flops"], info["peak_source"] = dense_peak(device, dtype)
+    else:
+        info["name"] = cpu_name()
+        info["threads"] = torch.get_num_threads()
+    info["matmul_gflops"] = matmul_gflops(dtype, device, n=size.matmul_n)
+    if device.type == "cpu":  # no datasheet peak for a CPU: its measured ceiling stands in
+        info["peak_flops"], info["peak_source"] = info["matmul_gflops"] * 1e9, "measured matrix products"
+    return info
+
+
+def cpu_name() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "CPU"
+    name = re.search(r"model name\s*:\s*(.+)", text)
+    flags = re.search(r"flags\s*:\s*(.+)", text)
+    extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if flags and f in flags.group(1).split()]
+    return f"{name.group(1).strip() if name else 'CPU'} ({', '.join(extras) or 'no AVX-512'})"
+
+
+def dense_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    lightning = get_available_flops(device, dtype)
+    chip = torch.cuda.get_device_name(device).lower()
+    own = (
+        next((v for k, v in DENSE_BF16_PEAK.items() if k in chip), None) if dtype == torch.bfloat16 else None
+    )
+    if own is not None and (lightning is None or own < lightning):
+        return own, "gpu_check's datasheet table (dense bf16)"
+    return (float(lightning), "lightning get_available_flops") if lightning else (None, "unknown chip")
+
+
+def peak_memory_start(device: torch.device) -> float:
+    """Reset the peak-memory counter; returns the baseline the peak is measured above (MB)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return 0.0
+    try:  # Linux: reset VmHWM to the current resident size
+        Path("/proc/self/clear_refs").write_text("5")
+        return _status_mb("VmRSS")
+    except OSError:
+        return math.nan
+
+
+def peak_memory_mb(device: torch.device, base: float) -> float:
+    """CUDA: torch.cuda.max_memory_allocated (everything: weights, AdamW state, the step). CPU: growth of the
+    resident peak above the baseline."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        return _status_mb("VmHWM") - base
+    except OSError:
+        return math.nan
+
+
+def _status_mb(key: str) -> float:
+    return int(re.search(key + r":\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------- models and data
+
+
+def model_arch(size: Size) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    arch = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model" / f"{size.model_conf}.yaml").arch)
+    return {**arch, "n_positions": size.context, **NO_DROPOUT}
+
+
+def book(size: Size, batch: int):
+    from gptft.data import BookWindows
+
+    return BookWindows(seq_len=size.seq, batch_size=batch, data_dir=os.environ.get("GPTFT_DATA_DIR", "data"))
+
+
+def first_batch(size: Size, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    data = book(size, batch)
+    data.setup("fit")
+    x, y = data.train_sampler.batch(0)[:2]
+    return x.to(device), y.to(device)
+
+
+def autocast(device: torch.device, bf16: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖ in float64."""
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp(min=1e-30)).item()
+
+
+# ---------------------------------------------------------------- correctness
+
+
+def check_chunked_loss(size: Size, device: torch.device, bf16: bool) -> Check:
+    """The chunked loss against the standard one on the same weights and batch: loss and every gradient."""
+    from gptft.models import build_model
+    from gptft.tasks import CausalLM
+
+    torch.manual_seed(0)
+    model = build_model(arch=model_arch(size)).to(device)
+    x, y = first_batch(size, size.check_batch, device)
+    losses, grads = {}, {}
+    for chunk in (size.loss_chunk, 0):
+        task = CausalLM(model, {"lr": 1e-4, "weight_decay": 0.0}, {}, loss_chunk=chunk)
+        model.zero_grad(set_to_none=True)
+        with autocast(device, bf16):
+            loss, _ = task.compute_loss((x, y))
+        loss.backward()
+        losses[chunk] = loss.item()
+        grads[chunk] = {n: p.grad.detach().float().clone() for n, p in model.named_parameters()}
+    loss_rel = abs(losses[size.loss_chunk] - losses[0]) / abs(losses[0])
+    errors = {n: rel(grads[size.loss_chunk][n], g) for n, g in grads[0].items() if g.norm() > 0}
+    worst = max(errors, key=errors.get)
+    # bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ≈ 2e-3); products of the same inputs in another
+    # order and chunking differ by a few of those. fp32: agreement to float rounding.
+    tol_loss, tol_grad = (5e-3, 5e-2) if bf16 else (1e-5, 1e-4)
+    ok = loss_rel <= tol_loss and errors[worst] <= tol_grad
+    del model, grads
+    return Check(
+        "chunked loss",
+        ok,
+        f"{'bf16 autocast' if bf16 else 'fp32'}, batch {size.check_batch} × {size.seq}, chunk {size.loss_chunk}: "
+        f"loss {losses[size.loss_chunk]:.5f} vs standard {losses[0]:.5f} (rel {loss_rel:.1e} ≤ {tol_loss:.0e}); "
+        f"worst gradient rel error {errors[worst]:.1e} ≤ {tol_grad:.0e} ({worst}), over {len(errors)} tensors",
+        data={"loss_chunked": losses[size.loss_chunk], "loss_standard": losses[0], "loss_rel": loss_rel,
+              "grad_rel_max": errors[worst], "grad_rel_worst": worst},
+    )  # fmt: skip
+
+
+def check_sdpa(size: Size, device: torch.device, bf16: bool) -> Check:
+    """The models use SDPA, its flash kernel runs forward and backward (forced: no silent fallback to the math
+    kernel), and its output matches eager attention on the same weights."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from gptft.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(arch=model_arch(size)).to(device)
+    eager = build_model(arch=model_arch(size), attn_implementation="eager").to(device)
+    eager.load_state_dict(model.state_dict())
+    x, _ = first_batch(size, size.check_batch, device)
+    implementation = model.config._attn_implementation
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]), autocast(device, bf16):
+        logits = model(input_ids=x, use_cache=False).logits
+        logits.float().logsumexp(-1).mean().backward()  # the backward kernel too
+    with torch.no_grad(), autocast(device, bf16):
+        reference = eager(input_ids=x, use_cache=False).logits
+    error = rel(logits.detach().float(), reference.float())
+    tol = 2e-2 if bf16 else 1e-4
+    ok = implementation == "sdpa" and error <= tol and all(p.grad is not None for p in model.parameters())
+    del model, eager
+    return Check(
+        "SDPA attention",
+        ok,
+        f"attn_implementation={implementation}, flash kernel forward + backward ran; logits vs eager attention "
+        f"rel {error:.1e} ≤ {tol:.0e}",
+        data={"attn_implementation": implementation, "logits_rel": error},
+    )
+
+
+# ---------------------------------------------------------------- Lightning runs (speed, fused AdamW, compile)
+
+
+@dataclass
+class Run:
+    name: str
+    step_s: float
+    losses: list[float]
+    peak_mb: float
+    flops_per_token: float
+    weights: dict[str, torch.Tensor]
+    fused: bool
+    keys: dict[str, list[str]]  # where a parameter name was read -> names holding "_orig_mod."
+
+
+def fit(size: Size, device: torch.device, precision: str, name: str, workdir: Path, **options: Any) -> Run:
+    """A fresh model, seeded identically, trained warmup + steps steps by gptft's task and data module through a
+    Lightning Trainer; the steady steps are timed between two device syncs."""
+    from safetensors import safe_open
+
+    from gptft.models import build_model, export_hf_model
+    from gptft.models.flops import model_flops_per_token
+    from gptft.tasks import CausalLM
+    from gptft.utils.logs import quiet_lightning
+
+    quiet_lightning()
+    compiled = options.get("compile", False)
+    torch.manual_seed(0)
+    model = build_model(arch=model_arch(size), compile=compiled)
+    if compiled and size.compile_backend != "inductor":  # the same in-place compile, another backend
+        model.base_model.compile(backend=size.compile_backend)
+    optim = {"lr": 1e-4, "weight_decay": 0.01, "fused": options.get("fused")}
+    task = CausalLM(model, optim, {"name": "constant"}, loss_chunk=options.get("loss_chunk", size.loss_chunk))
+    clock = StepClock(size.warmup, device)
+    trainer = L.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=1,
+        precision=precision,
+        max_steps=size.warmup + size.steps,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=[clock],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=workdir,
+    )
+    base = peak_memory_start(device)
+    trainer.fit(task, datamodule=book(size, size.batch))
+    peak = peak_memory_mb(device, base)
+    keys = {"state_dict": [k for k in task.model.state_dict() if "_orig_mod." in k]}
+    if compiled:  # what a compiled run leaves behind: the Lightning checkpoint and the exported model
+        ckpt = workdir / f"{name}.ckpt"
+        trainer.save_checkpoint(ckpt)
+        keys["checkpoint"] = [
+            k for k in torch.load(ckpt, weights_only=True)["state_dict"] if "_orig_mod." in k
+        ]
+        folder = export_hf_model(task.model, workdir / f"{name}_hf_model")
+        with safe_open(str(folder / "model.safetensors"), "pt") as f:
+            keys["hf_model"] = [k for k in f.keys() if "_orig_mod." in k]  # noqa: SIM118 (safe_open has no __iter__)
+    run = Run(
+        name,
+        clock.seconds / size.steps,
+        [float(v) for v in torch.stack(clock.losses).float().cpu()],
+        peak,
+        model_flops_per_token(task.model, size.seq),
+        {n: p.detach().float().cpu() for n, p in task.model.named_parameters()},
+        bool(trainer.optimizers[0].defaults.get("fused")),
+        keys,
+    )
+    del task, model, trainer
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return run
+
+
+class StepClock(L.Callback):
+    """The time of steps warmup .. end (one device sync at each end) and every step's loss, kept on the device
+    until the run ends."""
+
+    def __init__(self, warmup: int, device: torch.device):
+        self.warmup, self.device = warmup, device
+        self.losses: list[torch.Tensor] = []
+        self.seconds = self._t0 = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == self.warmup:
+            sync(self.device)
+            self._t0 = time.perf_counter()
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: Any, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self.losses.append(outputs["loss"].detach())
+        if batch_idx + 1 == trainer.max_steps:
+            sync(self.device)
+            self.seconds = time.perf_counter() - self._t0
+
+
+def speed_checks(size: Size, device: torch.device, info: dict[str, Any], workdir: Path) -> list[Check]:
+    """Four Lightning runs on the same seed and batches: eager (gptft's defaults), compiled, the standard loss,
+    foreach AdamW. Speed rows for the first two; fused AdamW, compile and memory are judged between them."""
+    precision = info["precision"]
+    runs = {
+        "eager": fit(size, device, precision, "eager", workdir),
+        "standard loss": fit(size, device, precision, "standard", workdir, loss_chunk=0),
+        "foreach AdamW": fit(size, device, precision, "foreach", workdir, fused=False),
+        "compiled": fit(size, device, precision, "compiled", workdir, compile=True),
+    }
+    bf16 = precision.startswith("bf16")
+    tokens = size.batch * size.seq
+    checks = []
+    for name in ("eager", "compiled", "standard loss"):
+        r = runs[name]
+        tokens_s = tokens / r.step_s
+        achieved = r.flops_per_token * tokens_s
+        mfu = achieved / info["peak_flops"] if info.get("peak_flops") else None
+        ceiling = achieved / (info["matmul_gflops"] * 1e9)
+        checks.append(
+            Check(
+                f"speed {name}",
+                math.isfinite(r.step_s) and r.step_s > 0 and all(map(math.isfinite, r.losses)),
+                f"{precision}, batch {size.batch} × {size.seq}: {r.step_s:.4f} s/step, {tokens_s:,.0f} tokens/s, "
+                f"{_tflops(achieved)} = MFU {_pct(mfu)} of {_tflops(info.get('peak_flops'))} peak, "
+                f"{ceiling:.0%} of the measured {_tflops(info['matmul_gflops'] * 1e9)} matmul ceiling; "
+                f"peak memory {r.peak_mb:,.0f} MB",
+                kind="speed",
+                data={
+                    "s_per_step": r.step_s,
+                    "tokens_per_s": tokens_s,
+                    "flops_per_token": r.flops_per_token,
+                    "achieved_flops": achieved,
+                    "mfu": mfu,
+                    "share_of_matmul_ceiling": ceiling,
+                    "peak_memory_mb": r.peak_mb,
+                    "losses": r.losses,
+                },
+            )  # fmt: skip
+        )
+    eager, compiled, standard, foreach = (
+        runs[k] for k in ("eager", "compiled", "standard loss", "foreach AdamW")
+    )
+    tol = 2e-2 if bf16 else 1e-4
+    # Fused against foreach AdamW: the same updates, so the same losses and weights (update-relative error).
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(eager.losses, foreach.losses, strict=True))
+    start = _initial_weights(size)
+    update_err = rel(_flat(eager.weights) - start, _flat(foreach.weights) - start)
+    checks.append(
+        Check(
+            "fused AdamW",
+            eager.fused and not foreach.fused and loss_err <= tol and update_err <= 5 * tol,
+            f"CausalLM chose fused={eager.fused} on {device.type}; {len(eager.losses)} steps against foreach AdamW: "
+            f"losses rel ≤ {loss_err:.1e} (≤ {tol:.0e}), weight updates rel {update_err:.1e} (≤ {5 * tol:.0e})",
+            data={"fused": eager.fused, "loss_rel_max": loss_err, "update_rel": update_err},
+        )
+    )
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(eager.losses, compiled.losses, strict=True))
+    leaked = {k: v for k, v in compiled.keys.items() if v}
+    checks.append(
+        Check(
+            "model.compile=true",
+            loss_err <= tol and not leaked and set(compiled.keys) == {"state_dict", "checkpoint", "hf_model"},
+            f"backend {size.compile_backend}: {len(eager.losses)} losses vs eager rel ≤ {loss_err:.1e} (≤ {tol:.0e}); "
+            f"'_orig_mod.' in state_dict/checkpoint/hf_model: {leaked or 'none'}; "
+            f"compiled/eager step time {compiled.step_s / eager.step_s:.2f}×",
+            data={
+                "loss_rel_max": loss_err,
+                "orig_mod_keys": compiled.keys,
+                "speedup": eager.step_s / compiled.step_s,
+            },
+        )
+    )
+    saved = 1 - eager.peak_mb / standard.peak_mb
+    checks.append(
+        Check(
+            "memory: chunked vs standard loss",
+            eager.peak_mb < standard.peak_mb,
+            f"peak {eager.peak_mb:,.0f} MB with model.loss_chunk={size.loss_chunk} vs {standard.peak_mb:,.0f} MB "
+            f"with the standard loss ({saved:.0%} less); step {standard.step_s / eager.step_s:.2f}× as fast",
+            kind="speed",
+            data={"chunked_mb": eager.peak_mb, "standard_mb": standard.peak_mb, "saved": saved},
+        )
+    )
+    return checks
+
+
+def _initial_weights(size: Size) -> torch.Tensor:
+    from gptft.models import build_model
+
+    torch.manual_seed(0)
+    return _flat({n: p.detach() for n, p in build_model(arch=model_arch(size)).named_parameters()})
+
+
+def _flat(weights: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([w.flatten().double() for _, w in sorted(weights.items())])
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _tflops(x: float | None) -> str:
+    return "unknown" if not x else f"{x / 1e12:,.1f} TFLOP/s" if x >= 1e12 else f"{x / 1e9:,.1f} GFLOP/s"
+
+
+# ---------------------------------------------------------------- experiments end to end
+
+
+def experiment_model(name: str) -> str | None:
+    """The pretrained preset an experiment loads (`override /model: gpt2-large` → gpt2-large), or None."""
+    from omegaconf import OmegaConf
+
+    spec = OmegaConf.load(REPO / "conf/experiment" / f"{name}.yaml")
+    for entry in spec.get("defaults") or []:
+        for key, value in entry.items() if hasattr(entry, "items") else []:
+            if key.strip() == "override /model":
+                return OmegaConf.load(REPO / "conf/model" / f"{value}.yaml").get("name_or_path")
+    return None
+
+
+def experiment_data(name: str) -> str:
+    text = (REPO / "conf/experiment" / f"{name}.yaml").read_text()
+    data = re.search(r"override /data:\s*(\S+)", text)
+    return data.group(1) if data else "book"
+
+
+def build_preset(preset: str, size: Size, folder: Path, device: torch.device) -> Path:
+    """A GPT-2 of a hub checkpoint's shape, random init, saved the way a downloaded one is loaded."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gptft.models import export_hf_model
+
+    n_layer, n_embd, n_head = (size.preset_dims or GPT2_PRESETS)[preset]
+    config = GPT2Config(n_layer=n_layer, n_embd=n_embd, n_head=n_head, n_positions=1024, vocab_size=50257)
+    torch.manual_seed(0)
+    with device:  # random init on the device: gpt2-large's 774 M parameters initialise in seconds there
+        model = GPT2LMHeadModel(config)
+    export_hf_model(model, folder)
+    del model
+    return folder
+
+
+def run_experiment(name: str, model_dir: Path | None, size: Size, out: Path, threads: int) -> Check:
+    run_dir = out / "runs" / name
+    overrides = [
+        f"experiment={name}",
+        f"trainer={size.trainer}",
+        f"trainer.max_steps={size.exp_steps}",
+        f"trainer.val_check_interval={size.exp_steps}",
+        "eval.seeds=1",
+        f"hydra.run.dir={run_dir}",  # whichever the experiment is, a single run or a sweep
+        f"hydra.sweep.dir={run_dir}",
+        *([f"model.name_or_path={model_dir}"] if model_dir else []),
+        *(size.book_overrides if experiment_data(name) == "book" else size.qa_overrides),
+        *EXPERIMENT_OVERRIDES.get(name, []),
+        *size.experiment_extra.get(name, ()),
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HYDRA_")}
+    env.update(HF_HUB_OFFLINE="1", MPLBACKEND="Agg", TQDM_DISABLE="1", OMP_NUM_THREADS=str(threads))
+    env["HYDRA_FULL_ERROR"] = "1"  # a failure's whole traceback lands in the report
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "gptft.run", *overrides],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        rc, tail = done.returncode, (done.stderr or done.stdout)[-2000:]
+    except subprocess.TimeoutExpired:
+        rc, tail = -1, "timed out after 600 s"
+    seconds = time.perf_counter() - start
+    return judge_experiment(name, run_dir, rc, tail, seconds, " ".join(overrides))
+
+
+def judge_experiment(name: str, run_dir: Path, rc: int, tail: str, seconds: float, command: str) -> Check:
+    """Every run of it completed, with finite before/after losses, an export without _orig_mod., and a sweep
+    ends with its report."""
+    import json
+
+    runs = sorted(run_dir.rglob("metrics.json"))
+    rows, problems = [], []
+    for path in runs:
+        m = json.loads(path.read_text())
+        before, after = (m.get(k, {}).get("val_loss") for k in ("before", "after"))
+        export = path.parent / "hf_model/model.safetensors"
+        if m.get("status") != "completed":
+            problems.append(f"{path.parent.name}: status {m.get('status')}")
+        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in (before, after)):
+            problems.append(f"{path.parent.name}: val loss {before} → {after}")
+        if not export.is_file():
+            problems.append(f"{path.parent.name}: no hf_model/model.safetensors")
+        rows.append({"run": str(path.parent.relative_to(run_dir)), "status": m.get("status"), "before": before,
+                     "after": after, "steps": m.get("steps"), "fit_s": (m.get("time") or {}).get("fit_s")})  # fmt: skip
+    if (run_dir / "multirun.yaml").is_file() and not (run_dir / "report/summary.md").is_file():
+        problems.append("the sweep wrote no report/summary.md")
+    if rc != 0:
+        errors = [line for line in tail.splitlines() if re.search(r"Error|error:|Exception", line)]
+        problems.append(f"exit status {rc}: {(errors or tail.strip().splitlines() or [''])[-1].strip()}")
+    if not runs:
+        problems.append("no metrics.json")
+    losses = ", ".join(f"{r['before']:.3f} → {r['after']:.3f}" for r in rows if r["before"] and r["after"])
+    summary = f"{len(runs)} run(s), val loss {losses or 'n/a'}, {seconds:.0f} s" + (
+        f"; {'; '.join(problems)}" if problems else ""
+    )
+    return Check(f"experiment {name}", not problems, summary, kind="experiment",
+                 data={"runs": rows, "seconds": seconds, "command": command, "exit_status": rc,
+                       "problems": problems, "stderr_tail": tail if problems else ""})  # fmt: skip
+
+
+def experiment_checks(
+    size: Size, device: torch.device, names: list[str], out: Path, jobs: int
+) -> list[Check]:
+    with tempfile.TemporaryDirectory(prefix="gpu_check_models_") as tmp:
+        presets = {n: experiment_model(n) for n in names}
+        folders = {}
+        for preset in sorted({p for p in presets.values() if p}):
+            if preset not in GPT2_PRESETS:
+                raise ValueError(f"no preset shape for model {preset}: add it to GPT2_PRESETS")
+            folders[preset] = build_preset(preset, size, Path(tmp) / preset, device)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [
+                pool.submit(run_experiment, n, folders.get(presets[n]), size, out, threads) for n in names
+            ]
+            checks = [f.result() for f in futures]
+        for check, name in zip(checks, names, strict=True):
+            check.data["model"] = presets[name] or "its own config"
+        return checks
+
+
+# ---------------------------------------------------------------- report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    info = report["device"]
+    lines = [
+        f"# gptft GPU check ({report['mode']} mode)",
+        "",
+        f"{info['name']}, torch {info['torch']}"
+        + (
+            f", CUDA {info['cuda']}, compute capability {info['capability']}"
+            if info["type"] == "cuda"
+            else ""
+        )
+        + f"; trained in {info['precision']}; peak {_tflops(info.get('peak_flops'))} ({info['peak_source']}); "
+        f"matrix-product ceiling measured here {info['matmul_gflops']:,.0f} GFLOP/s. "
+        f"{report['passed']} of {len(report['checks'])} checks pass; {report['wall_s']:.0f} s.",
+        "",
+        "| check | result | numbers |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {c['name']} | {'PASS' if c['ok'] else 'FAIL'} | {c['summary']} |" for c in report["checks"]]
+    speed = [c for c in report["checks"] if c["name"].startswith("speed ")]
+    if speed:
+        lines += [
+            "",
+            f"| {report['speed_model']} | s/step | tokens/s | MFU | share of the measured matmul ceiling | peak memory |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for c in speed:
+            d = c["data"]
+            lines.append(
+                f"| {c['name'][6:]} | {d['s_per_step']:.4f} | {d['tokens_per_s']:,.0f} | {_pct(d['mfu'])} | "
+                f"{d['share_of_matmul_ceiling']:.0%} | {d['peak_memory_mb']:,.0f} MB |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true", help="tiny sizes on the CPU (CI), under a minute")
+    parser.add_argument("--out", type=Path, help="output folder (default outputs/gpu_check/<time>/)")
+    parser.add_argument(
+        "--jobs", type=int, default=None, help="experiments run at once (default: 2 CPU, 3 GPU)"
+    )
+    parser.add_argument(
+        "--experiments", default=",".join(EXPERIMENTS), help="comma-separated experiment names"
+    )
+    args = parser.parse_args(argv)
+    if not args.cpu and not torch.cuda.is_available():
+        print(
+            "gpu_check: no CUDA device: run it on a GPU machine, or pass --cpu for the tiny CPU version",
+            file=sys.stderr,
+        )
+        return 2
+    size, device = (CPU, torch.device("cpu")) if args.cpu else (GPU, torch.device("cuda"))
+    out = args.out or REPO / "outputs/gpu_check" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S.%f")
+    if (out / "gpu_check.json").exists():
+        print(f"gpu_check: {out} already holds a check: choose another --out", file=sys.stderr)
+        return 2
+    names = [
+        n for n in args.experiments.split(",") if n and (REPO / "conf/experiment" / f"{n}.yaml").is_file()
+    ]
+    start = time.perf_counter()
+    if device.type == "cuda":
+        from gptft.models.precision import set_tf32
+
+        set_tf32(True)  # as trainer=gpu does
+    info = device_info(size, device)
+    print(f"gpu_check: {info['name']}, {info['precision']}, peak {_tflops(info.get('peak_flops'))}, "
+          f"matmul ceiling {info['matmul_gflops']:,.0f} GFLOP/s", flush=True)  # fmt: skip
+    bf16 = info["precision"].startswith("bf16")
+    checks: list[Check] = []
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as workdir:
+        sections = [
+            ("chunked loss", lambda: [check_chunked_loss(size, device, bf16)]),
+            ("SDPA attention", lambda: [check_sdpa(size, device, bf16)]),
+            ("speed", lambda: speed_checks(size, device, info, Path(workdir))),
+            (
+                "experiments",
+                lambda: experiment_checks(size, device, names, out, args.jobs or (2 if args.cpu else 3)),
+            ),
+        ]
+        for name, section in sections:
+            try:
+                results = section()
+            except Exception as e:  # one broken section must not hide the others' results
+                traceback.print_exc()
+                results = [
+                    Check(
+                        name, False, f"raised {type(e).__name__}: {(str(e).strip().splitlines() or [''])[-1]}"
+                    )
+                ]
+            for check in results:
+                print(check.line(), flush=True)
+            checks += results
+    report = {
+        "mode": "cpu" if args.cpu else "gpu",
+        "device": info,
+        "speed_model": f"GPT-2 {model_arch(size)['n_layer']} × {model_arch(size)['n_embd']} ({size.model_conf}, "
+        f"context {size.context}), batch {size.batch} × {size.seq}",
+        "checks": [c.__dict__ for c in checks],
+        "passed": sum(c.ok for c in checks),
+        "ok": all(c.ok for c in checks),
+        "wall_s": time.perf_counter() - start,
+    }
+    from gptft.utils.io import atomic_write_json, atomic_write_text
+
+    atomic_write_json(out / "gpu_check.json", report)
+    atomic_write_text(out / "gpu_check.md", markdown(report))
+    print(
+        f"gpu_check: {report['passed']} of {len(checks)} pass in {report['wall_s']:.0f} s; {out}/gpu_check.md"
+    )
+    return 0 if report["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
