@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 import torch
 from transformers import PreTrainedModel
 
 from gptft.text.tokenizer import EOT_ID
+
+
+@lru_cache(maxsize=1)
+def _stop_string_tokenizer() -> Any:
+    """transformers' stop strings are matched through a Hugging Face tokenizer (the same GPT-2 BPE)."""
+    from gptft.text.tokenizer import hf_tokenizer
+
+    return hf_tokenizer()
 
 
 @torch.no_grad()
@@ -17,12 +28,21 @@ def sample_tokens(
     temperature: float = 1.0,
     seed: int = 0,
     ban_eot: bool = True,
+    top_p: float | None = None,
+    greedy: bool = False,
+    stop_strings: list[str] | None = None,
+    streamer: Any = None,
 ) -> torch.Tensor:
     """New token ids (B × at most max_new_tokens) continuing equal-length prompts (B × P).
 
     `ban_eot`: end-of-text is never sampled, so every row has exactly max_new_tokens new tokens (the course's
     free generation). Otherwise a row may end at end-of-text (an instruction-tuned model's answer); rows that
     ended are padded with it, and the output is as long as the longest row.
+
+    `top_p` adds nucleus sampling; `greedy` takes the most likely token each step (top_k, top_p and temperature
+    then do nothing); a row also ends once its new text contains one of `stop_strings` (e.g. the template's
+    next question marker; the string itself stays in the output); `streamer` (a transformers BaseStreamer)
+    receives the tokens as they are generated (batch of one).
 
     The generator state is forked, so a probe never changes which dropout masks or batches training sees
     next, and the same seed gives the same text before and after training.
@@ -32,14 +52,20 @@ def sample_tokens(
     device = next(model.parameters()).device
     prompt_ids = prompt_ids.to(device)
     devices = [device] if device.type == "cuda" else []
+    sampling = (
+        {"do_sample": False} if greedy else {"do_sample": True, "top_k": top_k, "temperature": temperature}
+    )
+    if top_p is not None and not greedy:
+        sampling["top_p"] = top_p
+    if stop_strings:
+        sampling.update(stop_strings=list(stop_strings), tokenizer=_stop_string_tokenizer())
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(
             input_ids=prompt_ids,
             attention_mask=torch.ones_like(prompt_ids),
-            do_sample=True,
-            top_k=top_k,
-            temperature=temperature,
+            **sampling,
+            streamer=streamer,
             max_new_tokens=max_new_tokens,
             suppress_tokens=[EOT_ID] if ban_eot else None,
             eos_token_id=EOT_ID,  # whatever the model's own config says: GPT-2's end-of-text ends a row

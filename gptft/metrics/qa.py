@@ -1,0 +1,59 @@
+"""Exact match of generated answers: GSM8K's final number, or the normalised text for other data.
+
+GSM8K references end with "#### <number>"; a model's answer counts as right when the last number it
+writes equals that number (lm-evaluation-harness calls this the "flexible extract"). References with no
+number (open questions) are compared as text, normalised as SQuAD's exact match does it.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from collections.abc import Iterable
+from decimal import Decimal, InvalidOperation
+
+NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+FINAL_MARK = "####"
+
+
+def _value(number: str) -> Decimal | None:
+    """'1,234.50' -> Decimal('1234.50'); '18' and '18.00' compare equal as Decimals."""
+    try:
+        return Decimal(number.replace(",", ""))
+    except InvalidOperation:
+        return None
+
+
+def last_number(text: str) -> Decimal | None:
+    """The last number written in `text` (thousands separators allowed), or None."""
+    found = NUMBER.findall(text)
+    return _value(found[-1]) if found else None
+
+
+def reference_number(reference: str) -> Decimal | None:
+    """GSM8K's answer: the number after '####'; without the mark, the reference's last number."""
+    if FINAL_MARK in reference:
+        found = NUMBER.findall(reference.rsplit(FINAL_MARK, 1)[1])
+        return _value(found[0]) if found else None
+    return last_number(reference)
+
+
+def normalise(text: str) -> str:
+    """Lower case, no punctuation, no articles, single spaces (SQuAD's normalisation)."""
+    text = "".join(c for c in text.lower() if c not in string.punctuation)
+    text = re.sub(r"\b(a|an|the)\b", " ", text)
+    return " ".join(text.split())
+
+
+def exact_match(prediction: str, reference: str) -> bool:
+    """Whether `prediction` gives the reference's answer: its final number, else its normalised text."""
+    expected = reference_number(reference)
+    if expected is not None:
+        return last_number(prediction) == expected
+    return normalise(prediction) == normalise(reference)
+
+
+def exact_match_rate(predictions: Iterable[str], references: Iterable[str]) -> float:
+    """The share of predictions that match their reference (0 for no pairs)."""
+    hits = [exact_match(p, r) for p, r in zip(predictions, references, strict=True)]
+    return sum(hits) / len(hits) if hits else 0.0
