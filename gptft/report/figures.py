@@ -11,6 +11,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from gptft.report.collect import Run, is_paired  # noqa: E402
+from gptft.report.replicates import Group  # noqa: E402
+from gptft.report.stats import spread  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
 
@@ -139,5 +141,110 @@ def length_histogram_figure(counts: dict[str, list[int]], title: str = "Token le
     ax.set(xlabel="tokens (GPT-2 BPE)", ylabel="density", title=title, xlim=(0, 400))
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def group_loss_figure(groups: list[Group], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
+    """Each group's train loss: the mean over its training seeds, and a band from their min to their max."""
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    drawn = False
+    for i, group in enumerate(groups):
+        runs = [curves.get(r.label, ([], [])) for r in group.used.values()]
+        runs = [dict(zip(steps, losses, strict=True)) for steps, losses in runs if steps]
+        steps = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
+        if not steps:
+            continue
+        drawn = True
+        table = [[c[s] for c in runs] for s in steps]
+        mean = [sum(row) / len(row) for row in table]
+        line = ax.plot(
+            steps,
+            mean,
+            marker=MARKERS[i % len(MARKERS)],
+            markevery=7,
+            markersize=5,
+            lw=1.2,
+            label=f"{group.label} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})",
+        )[0]
+        if len(runs) > 1:
+            ax.fill_between(
+                steps, [min(r) for r in table], [max(r) for r in table], color=line.get_color(), alpha=0.2
+            )
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(
+        xlabel="step", ylabel="train loss", title="Train loss: mean over training seeds, band = min to max"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def group_before_after_figure(groups: list[Group], measure: str, ylabel: str) -> Figure | None:
+    """Grouped bars, before and after training, per group: the mean over training seeds (a run's value is its
+    mean over generation seeds); error bars are the 95% t interval of that mean (none for a group of one)."""
+    shown = []
+    for group in groups:
+        before = [r.measure("before", measure) for r in group.used.values()]
+        after = [r.measure("after", measure) for r in group.used.values()]
+        if any(after) or any(before):
+            shown.append((group, [b["mean"] for b in before if b], [a["mean"] for a in after if a]))
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.6 * len(shown) + 2), 4.5))
+    width = 0.38
+    for offset, index, when, color in (
+        (-width / 2, 1, "before", "#9aa5b1"),
+        (width / 2, 2, "after", "#1f77b4"),
+    ):
+        stats = [spread(row[index]) if row[index] else None for row in shown]
+        ax.bar(
+            [i + offset for i in range(len(shown))],
+            [s.mean if s else float("nan") for s in stats],
+            width,
+            yerr=[s.half_width or 0.0 if s else 0.0 for s in stats],
+            capsize=4,
+            color=color,
+            label=when,
+        )
+    labels = [f"{g.label}\n(n = {len(g.used)})" for g, _, _ in shown]
+    ax.set_xticks(range(len(shown)), labels, rotation=15, ha="right", fontsize=8)
+    ax.set_ylabel(ylabel)
+    ax.set_title("before / after training: mean over training seeds, 95% t interval", fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def paired_seeds_loss_figure(
+    a: Group, b: Group, curves: dict[str, tuple[list[int], list[float]]]
+) -> Figure | None:
+    """Loss of B against A at the same steps, one marker shape per training seed, with y = x."""
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    everything = []
+    for i, seed in enumerate(sorted(set(a.used) & set(b.used))):
+        steps_a, loss_a = curves.get(a.used[seed].label, ([], []))
+        at_b = dict(zip(*curves.get(b.used[seed].label, ([], [])), strict=True))
+        pairs = [(x, at_b[s]) for s, x in zip(steps_a, loss_a, strict=True) if s in at_b]
+        if pairs:
+            xs, ys = zip(*pairs, strict=True)
+            ax.scatter(xs, ys, s=10, alpha=0.6, marker=MARKERS[i % len(MARKERS)], label=f"seed {seed}")
+            everything += [*xs, *ys]
+    if not everything:
+        plt.close(fig)
+        return None
+    low, high = min(everything), max(everything)
+    ax.plot([low, high], [low, high], color="black", lw=1, label="y = x")
+    ax.set(
+        xlabel=f"train loss, A: {a.label}",
+        ylabel=f"train loss, B: {b.label}",
+        title="Loss B vs loss A, step by step, per seed",
+    )
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig

@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from gptft.report.collect import Run, is_paired
+from gptft.report.replicates import Comparison, Group, all_measures, measure_name, sentence
+from gptft.report.stats import Spread, spread
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -149,3 +151,83 @@ def problems(runs: list[Run]) -> list[str]:
                 f"missing: {', '.join(missing) or 'nothing'}"
             )
     return notes
+
+
+def _cell(s: Spread | None) -> str:
+    if s is None:
+        return "–"
+    if s.n == 1:
+        return f"{s.mean:.4g} (n = 1: no interval)"
+    return f"{s.mean:.4g} ± {s.std:.2g} [{s.low:.4g}, {s.high:.4g}]"
+
+
+def replicates_section(groups: list[Group]) -> list[str]:
+    """One column per group: each measure's mean ± std over training seeds and its 95% t interval."""
+    rows = []
+    for measure in all_measures(groups):
+        row = {"measure": measure_name(measure)}
+        for group in groups:
+            _, values = group.values(measure)
+            row[f"{group.label} (n = {len(group.used)})"] = _cell(spread(values) if values else None)
+        rows.append(row)
+    lines = [
+        "## Replicates: mean over training seeds",
+        "",
+        "Runs that differ only in `seed` form a group. Each cell: mean ± standard deviation over the group's "
+        "training seeds [95% Student-t interval of the mean]; a probe's value per run is its mean over the "
+        "`eval.seeds` generation seeds. A group of one run shows its value and no interval.",
+        "",
+    ]
+    if rows:
+        lines += [markdown_table(rows), ""]
+    for group in groups:
+        lines.append(f"- {group.label}: seeds {', '.join(map(str, group.seeds)) or 'none completed'}")
+        lines += [f"  - excluded: {run.label} ({why}), {run.path}" for run, why in group.excluded]
+    return [*lines, ""]
+
+
+def comparisons_section(comparisons: list[Comparison]) -> list[str]:
+    """Each comparison B − A seed by seed: differences, their mean and 95% interval, the sign-flip p, a sentence."""
+    if not comparisons:
+        return []
+    lines = [
+        "## Paired comparisons: B − A, seed by seed",
+        "",
+        "Runs with the same seed are paired: the same batches and, for a model built from a config, the same "
+        "initial weights. Mean of the per-seed differences ± the half-width of its 95% Student-t interval; p: "
+        "two-sided, exact sign-flip permutation test over the seeds (all 2^n sign patterns of the n "
+        "differences), whose smallest possible value is 2/2^n (0.25 with 3 seeds, 0.0625 with 5, 0.031 "
+        "with 6): fewer than 6 seeds can never reach p < 0.05.",
+        "",
+    ]
+    for c in comparisons:
+        paired = sorted({s for t in c.tests for s in t.seeds})
+        lines += [f"### B = {c.b.label} against A = {c.a.label}", ""]
+        lines.append(f"- paired seeds: {', '.join(map(str, paired)) or 'none'}")
+        for label, seeds in c.unpaired.items():
+            if seeds:
+                lines.append(
+                    f"- only {label} completed seed{'s' if len(seeds) > 1 else ''} {seeds}: left out"
+                )
+        if c.same_batches is not None:
+            lines.append(
+                f"- each pair trained on {'the same' if c.same_batches else 'DIFFERENT'} batches (data fingerprint)"
+            )
+        rows = [
+            {
+                "measure": measure_name(t.measure),
+                "B − A per seed": ", ".join(
+                    f"{s}: {d:+.3g}" for s, d in zip(t.seeds, t.differences, strict=True)
+                ),
+                "mean [95% CI]": _cell(t.spread)
+                if t.spread.n == 1
+                else f"{t.spread.mean:+.3g} [{t.spread.low:+.3g}, {t.spread.high:+.3g}]",
+                "p": "–" if t.p is None else f"{t.p:.3g}",
+            }
+            for t in c.tests
+        ]
+        if rows:
+            lines += ["", markdown_table(rows), ""]
+        lines += [f"- {sentence(t)}" for t in c.tests]
+        lines.append("")
+    return lines
