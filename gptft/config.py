@@ -89,6 +89,7 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("optim.warmup_steps", whole=True, low=0, example="100"),
     Setting("schedule.name", choices=("constant", "cosine")),
     Setting("schedule.min_lr_ratio", low=0, high=1, optional=True, example="0.1"),
+    Setting("task.target.mass", low=0, high=1, open_low=True, optional=True, example="0.9"),
     Setting("data.batch_size", whole=True, low=1, example="8"),
     Setting("data.seq_len", whole=True, low=1, optional=True, example="256"),
     Setting("data.val_windows", whole=True, low=1, optional=True, example="32"),
@@ -106,6 +107,11 @@ SCHEMA: tuple[Setting, ...] = (
     Setting("eval.seeds", whole=True, low=0, example="3"),
     Setting("eval.top_k_tokens", whole=True, low=1, high=VOCAB_SIZE, example="100"),
     Setting("eval.copy_ngram", whole=True, low=1, example="8"),
+    Setting("freeze.rank", whole=True, low=1, optional=True, example="8"),  # LoRA (freeze=lora)
+    Setting("freeze.alpha", low=0, open_low=True, optional=True, example="16"),
+    Setting("freeze.dropout", low=0, high=1, open_high=True, optional=True, example="0.05"),
+    Setting("callbacks.reference.windows", whole=True, low=1, optional=True, example="32"),
+    Setting("callbacks.reference.kl_tokens", whole=True, low=0, optional=True, example="512"),
 )
 
 
