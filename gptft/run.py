@@ -9,6 +9,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,10 +42,14 @@ def _hydra_subdir(resume: str | None) -> str:
 OmegaConf.register_new_resolver("gptft_slug", _slug, replace=True)
 OmegaConf.register_new_resolver("gptft_first", _first, replace=True)
 OmegaConf.register_new_resolver("gptft_hydra_subdir", _hydra_subdir, replace=True)
+# conf/hydra/launcher/submitit_*.yaml extend the submitit plugin's configs of the same names on purpose: Hydra
+# merges them onto the plugin's schema (which checks their keys), and warns that such matching is deprecated.
+warnings.filterwarnings("ignore", r"(?s).*is validated against ConfigStore schema", UserWarning)
 
 
-def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one experiment; return its metrics (what metrics.json holds)."""
+def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
+    """Run one experiment; return its metrics (what metrics.json holds). `extra_callbacks` join the config's
+    (gptft.search adds a trial's pruning callback)."""
     from gptft.config import check_context, data_length_key, validate
 
     out = Path(cfg.paths.output_dir)
@@ -56,10 +62,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from gptft.callbacks import RunRecord, SafeStop
+    from gptft.cluster import slurm_plugins
     from gptft.models import build_model, context_length, export_hf_model, model_config
     from gptft.models.precision import resolve_precision, set_tf32
     from gptft.models.sharding import full_weights, unsharded_copy
+    from gptft.report.lengths import write_lengths_figure
     from gptft.tasks.freezing import apply_freeze, format_freeze_table
+    from gptft.tasks.lora import apply_lora, is_lora, is_peft_model, save_adapter_and_merge
     from gptft.utils.checkpoint import AtomicCheckpointIO, check_resumable
     from gptft.utils.logs import quiet_lightning
     from gptft.utils.rich_tree import print_config_tree
@@ -76,8 +85,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # corpus and split problems surface now, before weights load
+    write_lengths_figure(out)  # question/answer data: the histogram of what the data module measured
     model = build_model(**cfg.model)
-    frozen = apply_freeze(model, **cfg.freeze)
+    if is_lora(cfg.freeze):  # LoRA wraps the model (PEFT); the other strategies set requires_grad in place
+        model, frozen = apply_lora(model, strategy=OmegaConf.select(cfg, "trainer.strategy._target_"), **cfg.freeze)
+    else:
+        frozen = apply_freeze(model, **cfg.freeze)
     log.info("freeze=%s: parameters per block\n%s", cfg.freeze.name, format_freeze_table(frozen))
     # _convert_="all": plain dicts and lists in hparams, so checkpoints load with weights_only=True.
     task = instantiate(
@@ -87,6 +100,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         schedule=cfg.schedule,
         loss_chunk=cfg.model.loss_chunk,
         seed=cfg.seed,
+        no_decay=frozen.get("no_decay", []),
         _convert_="all",
     )
     check_resumable(cfg.ckpt_path, task)
@@ -95,13 +109,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         out / "metrics.json", OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.ckpt_path)
     )
     record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed, freeze=frozen)
-    if hasattr(datamodule, "metrics"):  # what the data measured at setup (InstructPairs: token lengths)
-        record.data.update(datamodule.metrics())
+    record.data.update(datamodule.metrics())  # what the data measured at setup (InstructPairs: token lengths)
     callbacks = [
-        SafeStop(),  # first: it judges each step before anything records or saves it
         record,
         instantiate(cfg.eval),
         *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),
+        *extra_callbacks,
+        # Last (Lightning runs checkpoint callbacks after all others): a stop's checkpoint holds every record of
+        # the step, and a nan step is judged before any checkpoint of it is written.
+        SafeStop(),
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
@@ -111,7 +127,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks=callbacks,
         logger=loggers or False,
         precision=precision,
-        plugins=[AtomicCheckpointIO()],
+        plugins=[AtomicCheckpointIO(), *slurm_plugins()],  # Slurm: its ranks, and auto-requeue on SIGUSR1
     )
 
     try:
@@ -121,6 +137,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     weights = full_weights(task.model, trainer.strategy)  # trainer=fsdp: every rank joins the gather
     if trainer.is_global_zero:
         model = task.model if weights is None else unsharded_copy(task.model, weights)
+        if is_peft_model(model):  # the adapter in PEFT's format beside hf_model/, which gets the merged weights
+            model = save_adapter_and_merge(model, out / "lora_adapter")
         export_hf_model(model, out / "hf_model")
         log.info("outputs: %s  (tensorboard --logdir %s)", out, out.parent)
     return record.data
@@ -135,6 +153,10 @@ def main(cfg: DictConfig) -> float | None:
             from gptft.utils.checkpoint import resumed_config
 
             cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
+        else:  # a job that Slurm requeued continues its own run folder (gptft/cluster.py)
+            from gptft.cluster import continue_requeued
+
+            cfg = continue_requeued(cfg)
         metrics = train(cfg)
     except ConfigError as e:
         print(f"gptft: error: {e}", file=sys.stderr)

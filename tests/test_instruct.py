@@ -254,6 +254,8 @@ RUN = (
     "optim.lr=1e-3",
     "eval.max_new_tokens=20",
     "eval.seeds=1",
+    "callbacks.exact_match.questions=2",
+    "callbacks.exact_match.max_new_tokens=8",
 )
 
 

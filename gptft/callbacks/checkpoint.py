@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -13,6 +15,11 @@ class StepCheckpoint(ModelCheckpoint):
     run saving every 100 steps would end with last.ckpt at step 500, and `resume=<run> trainer.max_steps=...`
     would train step 501 again.
     """
+
+    def __init__(self, *args: Any, enable_version_counter: bool = False, **kwargs: Any) -> None:
+        # One last.ckpt per run: with Lightning's version counter, a resumed run whose last.ckpt was written by
+        # SafeStop (not by this callback) would write last-v1.ckpt beside it.
+        super().__init__(*args, enable_version_counter=enable_version_counter, **kwargs)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

@@ -29,6 +29,9 @@ class SafeStop(L.Callback):
       checkpoint is written (and Lightning runs checkpoint callbacks after all others), so bad weights never
       reach `last.ckpt`: it keeps the last good ones.
 
+    It must be the last callback before the checkpoint callbacks: its stop checkpoint then holds what every other
+    callback recorded of the step (RunRecord's losses and tokens, the weight-change rows).
+
     The loss is judged on the device (no sync); its verdict is read every step on the CPU and under DDP (where
     the ranks must agree through one small all-reduce per step anyway), else every `check_every_n_steps`
     steps, before every checkpoint and at the end, so a GPU never waits for it.
@@ -99,8 +102,10 @@ class SafeStop(L.Callback):
             for logger in trainer.loggers:
                 logger.save()
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._check(trainer)  # before the "after" probes and the export
+    def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The step loader's one epoch ends with the last step, before any on_train_end: the "after" probes and
+        # the export never see diverged weights.
+        self._check(trainer)
 
     def _check(self, trainer: L.Trainer) -> None:
         if self._first_bad is None:

@@ -14,7 +14,6 @@ import statistics
 from typing import Any
 
 import lightning as L
-import torch
 
 from gptft.models.flops import model_flops_per_token
 from gptft.utils.clock import device_clock
