@@ -12,7 +12,7 @@ def test_top_ids_by_frequency_ties_to_the_lower_id():
     assert top_token_ids(torch.tensor([5, 5, 5, 3, 3, 9]), k=2).tolist() == [5, 3]
     assert top_token_ids(torch.tensor([7, 2, 2, 7, 1]), k=1).tolist() == [2]
     for bad in (0, 50258):
-        with pytest.raises(ConfigError, match=f"eval.top_k_tokens={bad}"):
+        with pytest.raises(ConfigError, match=f"eval.style_tokens={bad}"):
             top_token_ids(torch.tensor([1, 2]), k=bad)
 
 
@@ -48,6 +48,23 @@ def test_copy_rate_of_the_book_itself_and_of_shuffled_tokens(book):
     assert index.copy_rate(book.test_sampler.batch(0)[0]) < 0.2  # unseen text of the same book
 
 
+@pytest.mark.parametrize("n", [1, 3, 8, 9])
+def test_copy_rate_counts_exactly_what_a_set_of_ngram_tuples_counts(book, n):
+    # The index packs n-grams into integers; the plain definition, a set of n-tuples, must agree to the bit.
+    train = book.train_token_ids()[:20_000]
+    g = torch.Generator().manual_seed(n)
+    rows = torch.stack([train[s : s + 60] for s in torch.randint(0, len(train) - 60, (4,), generator=g)])
+    rows[1::2, 20:40] = torch.randint(0, 50257, (2, 20), generator=g)  # two rows partly made up
+    rows[3, 50:] = 50256  # the highest ids too
+
+    def tuples(t: torch.Tensor) -> list[tuple[int, ...]]:
+        return [tuple(row[i : i + n].tolist()) for row in t.view(-1, t.size(-1)) for i in range(t.size(-1) - n + 1)]
+
+    seen = set(tuples(train[None]))
+    expected = sum(gram in seen for gram in tuples(rows)) / len(tuples(rows))
+    assert 0 < expected < 1 and NgramIndex(train, n).copy_rate(rows) == expected
+
+
 def test_style_ratio_of_real_text_is_about_half(book):
     """GPT-2's 100 most frequent ids in Gulliver cover roughly half of the book's own tokens."""
     top = top_token_ids(book.train_token_ids(), 100)
@@ -56,7 +73,7 @@ def test_style_ratio_of_real_text_is_about_half(book):
 
 def test_free_generation_probe_is_deterministic_and_restores_train_mode(book, tiny_model_dir, tmp_path):
     model = build_model(name_or_path=str(tiny_model_dir))
-    probes = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, seeds=2, free_prompts=4)
+    probes = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, repeats=2, free_prompts=4)
     probes._index_training_text(book)
     first, texts = probes.free_generation(model)
     again, _ = probes.free_generation(model)
@@ -64,6 +81,6 @@ def test_free_generation_probe_is_deterministic_and_restores_train_mode(book, ti
     assert set(first) == {"style_ratio", "copy_rate", "distinct_1", "distinct_2"}
     assert len(first["style_ratio"]["values"]) == 2 and first["style_ratio"]["std"] >= 0
     assert len(texts) == 4
-    other = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, seeds=2, free_prompts=4, seed=1)
+    other = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, repeats=2, free_prompts=4, seed=1)
     other._index_training_text(book)
     assert other.free_generation(model)[0]["distinct_1"]["values"] != first["distinct_1"]["values"]

