@@ -25,7 +25,7 @@ def run(run_ok, tiny_model_dir, tmp_path_factory):
         f"model.name_or_path={tiny_model_dir}",
         "trainer.precision=32-true",
         "optim.lr=1e-2",
-        "eval.seeds=0",
+        "eval.repeats=0",
         f"callbacks.reference.kl_tokens={KL_TOKENS}",
         f"hydra.run.dir={out}",
         timeout=600,
@@ -88,10 +88,10 @@ def test_default_reference_is_another_book(data_dir):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"text": 829}, "callbacks.reference.text=829 is the training text itself"),
-        ({"text": [2701, 829]}, "callbacks.reference.text=829 is the training text itself"),
-        ({"text": "/no/such/book.txt"}, "callbacks.reference.text=/no/such/book.txt does not exist"),
-        ({"text": 99999999, "download": False}, "callbacks.reference.text=99999999: no local copy of book"),
+        ({"text": 829}, "eval.reference=829 is the training text itself"),
+        ({"text": [2701, 829]}, "eval.reference=829 is the training text itself"),
+        ({"text": "/no/such/book.txt"}, "eval.reference=/no/such/book.txt does not exist"),
+        ({"text": 99999999, "download": False}, "eval.reference=99999999: no local copy of book"),
     ],
     ids=["training-text", "in-a-list", "missing-file", "missing-book-offline"],
 )
@@ -103,10 +103,11 @@ def test_bad_reference_is_refused(kwargs, message, data_dir):
     assert "\n" not in str(error.value)
 
 
-def test_the_run_stops_with_one_line(run_gptft, tmp_path):
+def test_the_run_stops_with_one_line_before_the_model_loads(run_gptft, tmp_path):
     result = run_gptft(
-        "debug=fast", "callbacks.reference.text=829", f"hydra.run.dir={tmp_path / 'run'}", timeout=600
+        "debug=fast", "eval.reference=829", f"hydra.run.dir={tmp_path / 'run'}", timeout=600
     )
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("gptft: error: callbacks.reference.text=829 is the training text itself")
+    assert line.startswith("gptft: error: eval.reference=829 is the training text itself")
+    assert "parameters per block" not in result.stderr + result.stdout  # refused before the model was built

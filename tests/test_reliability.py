@@ -1,4 +1,5 @@
-"""Losing nothing: exact resume after a SIGKILL, Ctrl-C/SIGTERM stops, same seed same curve, a diverging run."""
+"""Losing nothing: exact resume after a SIGKILL (which also shows: same seed, same curve), Ctrl-C/SIGTERM stops, a
+diverging run."""
 
 from __future__ import annotations
 
@@ -63,17 +64,6 @@ def uninterrupted(run_ok, tmp_path_factory):
     return out
 
 
-def test_same_seed_same_curve(uninterrupted, run_ok, tmp_path):
-    again = tmp_path / "again"
-    run_ok(*RUN, f"hydra.run.dir={again}")
-    # Dropout included. Bit-for-bit locally; one clean-clone CI run (2026-11-30, AVX512-BF16 CPU, bf16-mixed) drifted
-    # by 2e-6 relative from step 0 on, cause not yet found (noted in the issue), so this compares to 1e-5. The
-    # resume test below stays bitwise.
-    a, b = train_losses(again), train_losses(uninterrupted)
-    assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-5) for k in a)
-    assert metrics(again)["after"]["val_loss"] == pytest.approx(metrics(uninterrupted)["after"]["val_loss"], rel=1e-5)
-
-
 def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, run_ok, gptft_env, tmp_path):
     killed = tmp_path / "killed"
     with open(tmp_path / "killed.log", "w") as log:
@@ -100,12 +90,12 @@ def test_sigkill_then_resume_is_bitwise_identical(uninterrupted, run_ok, gptft_e
     assert (killed / "weight_delta.csv").read_text() == (uninterrupted / "weight_delta.csv").read_text()
     assert len((killed / "weight_delta.csv").read_text().splitlines()) == 1 + 16
     a, b = metrics(uninterrupted), metrics(killed)
+    # "train" holds the losses from step 0, which the killed run computed before its kill: the same seed gives the
+    # same curve, bit for bit (this test is also the same-seed test).
     for key in ("train", "steps", "tokens_trained", "data_fingerprint", "weight_delta"):
         assert b[key] == a[key], key
-    # Every after-probe too, but ref_kl: a resumed full fine-tuning run no longer has the starting model's
-    # distributions (gptft/callbacks/reference.py), and says so rather than guess.
-    assert {k: v for k, v in b["after"].items() if k != "ref_kl"} == {k: v for k, v in a["after"].items() if k != "ref_kl"}
-    assert "ref_kl" in a["after"] and "ref_kl" not in b["after"]
+    # Every after-probe too, ref_kl included: the starting model's distributions travel in the checkpoint.
+    assert b["after"] == a["after"] and a["after"]["ref_kl"] > 0
     assert a["tokens_trained"] == 16 * 4 * 64  # debug=fast: batch 4 × 64, every target labelled
 
 

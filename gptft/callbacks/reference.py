@@ -8,8 +8,8 @@ than the training one):
 
 The KL needs the starting model's distributions at the end, without a second model on the device: the probe
 keeps the full-vocabulary log-probabilities of the first `kl_tokens` positions of the reference windows on the
-host (fp32, exact; 512 positions × 50,257 × 4 B = 103 MB). A resumed run has lost them; there a LoRA run gets
-them back by switching its adapters off (the base weights never change), and any other run reports no KL.
+host (fp32, exact; 512 positions × 50,257 × 4 B = 103 MB). They are the callback's checkpoint state, so a resumed
+run still has them (the checkpoint grows by that much; `kl_tokens` sets it, 0 turns the KL off).
 """
 
 from __future__ import annotations
@@ -25,12 +25,13 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
+from gptft.callbacks.before_after import BeforeAfter
 from gptft.errors import ConfigError
 from gptft.text.corpus import load_book_text, load_book_tokens, read_text, strip_gutenberg
 
 log = logging.getLogger(__name__)
 
-SETTING = "callbacks.reference.text"
+SETTING = "eval.reference"  # the text; the probe's other settings are callbacks.reference.*
 BOOKS = (2701, 829)  # the defaults, in order of preference: Moby Dick, then Gulliver's Travels
 
 
@@ -42,7 +43,7 @@ def _is_book_id(spec: Any) -> bool:
     return isinstance(spec, int) or (isinstance(spec, str) and spec.isdigit())
 
 
-class ReferenceProbe(L.Callback):
+class ReferenceProbe(BeforeAfter):
     """`ref/loss`, `ref/ppl` (before and after) and `ref/kl` (after) on `windows` fixed windows of `text`.
 
     text: a Gutenberg id, a text file, or a list of them (windows spread over all, never across two); null: Moby
@@ -61,23 +62,31 @@ class ReferenceProbe(L.Callback):
         data_dir: str = "data",
         download: bool = True,
     ):
+        super().__init__()
         self.windows, self.seq_len, self.batch_size, self.kl_tokens = windows, seq_len, batch_size, kl_tokens
         self.data_dir, self.download = Path(data_dir), download
         self.specs = [text] if text is None or isinstance(text, (int, str)) else list(text)
         self.sources: list[str] = []
         self.texts: list[str] = []
-        self.results: dict[str, dict[str, float]] = {}
         self.info: dict[str, Any] = {}
         self._base: list[torch.Tensor] = []  # the starting model's log-probabilities, per KL window (host)
         self._x: torch.Tensor | None = None
         self._y: torch.Tensor | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        # Before the run's first step (a ConfigError here stops it with one line). The training text is the one
-        # the data module read (a book's text; question/answer data have none).
+        # gptft.run has resolved the text before the model loaded; from Python, it happens here, still before the
+        # first step (a ConfigError stops it with one line). The training text is the one the data module read (a
+        # book's text; question/answer data have none).
         if not self.texts:
-            self.resolve(getattr(trainer.datamodule, "text", None))
+            self.resolve(getattr(trainer.datamodule, "text", None))  # any LightningDataModule
         self._prepare()
+
+    def state_dict(self) -> dict[str, Any]:
+        # The starting model's log-probabilities: a resumed run's ref_kl needs them.
+        return {"base": self._base}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._base = list(state_dict.get("base", []))
 
     def resolve(self, train_text: str | None = None) -> list[str]:
         """Find and read the reference texts, refusing the training text; return their names."""
@@ -166,12 +175,11 @@ class ReferenceProbe(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._prepare()
-        if trainer.global_step == 0:  # a resumed run already has its "before" (in metrics.json)
-            self.probe("before", trainer, pl_module)
+        super().on_train_start(trainer, pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._prepare()
-        self.probe("after", trainer, pl_module)
+        super().on_train_end(trainer, pl_module)
 
     def metrics(self) -> dict[str, Any]:
         return {**self.results, **({"reference": self.info} if self.info else {})}
@@ -224,17 +232,11 @@ class ReferenceProbe(L.Callback):
                 lp[:, :n].cpu() for lp, (_, n) in zip(self._log_probs(task, slices), slices, strict=True)
             ]
             return 0.0
-        base = self._base
-        if not base:
-            base = self._base_from_adapters(task, slices)
-            if not base:
-                log.warning(
-                    "no ref_kl: a resumed run no longer has the starting model's distributions (only LoRA runs "
-                    "recover them, by switching the adapters off)"
-                )
-                return None
+        if not self._base:  # resumed from a checkpoint written before the base was kept (an older gptft)
+            log.warning("no ref_kl: the checkpoint this run resumed from holds no starting distributions")
+            return None
         total, count = 0.0, 0
-        for lp, kept, (_, n) in zip(self._log_probs(task, slices), base, slices, strict=True):
+        for lp, kept, (_, n) in zip(self._log_probs(task, slices), self._base, slices, strict=True):
             p = kept.to(lp.device)
             # KL(base ‖ now) = Σ_v p_base (log p_base − log p_now), per position; 0·log 0 counts as 0.
             total += F.kl_div(lp[:, :n], p, log_target=True, reduction="sum").item()
@@ -248,13 +250,3 @@ class ReferenceProbe(L.Callback):
             logits = task.logits(self._x[w : w + 1].to(task.device))
             out.append(F.log_softmax(logits.float(), dim=-1))
         return out
-
-    def _base_from_adapters(
-        self, task: L.LightningModule, slices: list[tuple[int, int]]
-    ) -> list[torch.Tensor]:
-        from gptft.tasks.lora import is_peft_model
-
-        if not is_peft_model(task.model):
-            return []
-        with task.model.disable_adapter():
-            return [lp[:, :n] for lp, (_, n) in zip(self._log_probs(task, slices), slices, strict=True)]

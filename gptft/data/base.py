@@ -15,8 +15,12 @@ class TrainData(L.LightningDataModule):
       `step_loader`), so a batch is a pure function of (seed, step) and the step's labelled tokens are known;
     - `val_dataloader()` yields fixed (x, y) batches, y = IGNORE_INDEX where nothing is to be learned;
     - `train_token_ids()`: every token id of the training text, which the probes compare generated text with;
-    - `metrics()`: what the data measured at setup, merged into metrics.json (default: nothing).
+    - `metrics()`: what the data measured at setup, merged into metrics.json (default: nothing);
+    - `text`: the training text as read, after setup (None where there is no one text, e.g. question/answer
+      pairs); the forgetting probe refuses it as its reference.
     """
+
+    text: str | None = None
 
     def train_token_ids(self) -> torch.Tensor:
         raise NotImplementedError
