@@ -5,7 +5,7 @@
     python benchmarks/gpu_check.py --cpu      # the same checks at tiny sizes on the CPU (CI: tests/test_gpu_check.py)
 
 Correctness (the exit status is 1 if one fails):
-- chunked loss: CausalLM.compute_loss with model.loss_chunk under bf16 autocast against the standard loss,
+- chunked loss: CausalLM.compute_loss with task.loss_chunk under bf16 autocast against the standard loss,
   the loss value and every gradient;
 - SDPA: the models use it, its fused kernel (flash) runs forward and backward, and matches eager attention;
 - fused AdamW: CausalLM picks it on the device, and a Lightning run with it matches one with foreach AdamW;
@@ -52,22 +52,6 @@ GPT2_PRESETS = {
     "gpt2-medium": (24, 1024, 16),
     "gpt2-large": (36, 1280, 20),
     "gpt2-xl": (48, 1600, 25),
-}
-# Dense (no sparsity) bf16 tensor-core peaks in FLOP/s from the vendors' datasheets, most specific name first.
-# Lightning's table (get_available_flops) lacks a plain "NVIDIA H200" and lists the with-sparsity figure for some
-# chips (H200 SXM: 2.0e15), so the lower of the two is used where both know the chip.
-DENSE_BF16_PEAK = {
-    "gh200": 989e12,
-    "h200": 989e12,
-    "h100 nvl": 835e12,
-    "h100 pcie": 756e12,
-    "h100": 989e12,
-    "b200": 2250e12,
-    "a100": 312e12,
-    "l40s": 362e12,
-    "l4": 121e12,
-    "rtx 4090": 165e12,
-    "a10g": 70e12,
 }
 # One lr of a sweep is enough to prove a study's path; the freezing study keeps both arms (the pairing is its point).
 EXPERIMENT_OVERRIDES = {"lr_sweep": ["optim.lr=1e-4"], "kl_x": ["optim.lr=1e-4"]}
@@ -130,6 +114,7 @@ class Check:
 
 def device_info(size: Size, device: torch.device) -> dict[str, Any]:
     """Name, precision, the dense peak (FLOP/s) and the matrix-product ceiling measured here, in that precision."""
+    from gptft.models.flops import dense_peak
     from gptft.models.precision import resolve_precision
 
     precision = resolve_precision("auto", device.type)
@@ -157,19 +142,6 @@ def cpu_name() -> str:
     flags = re.search(r"flags\s*:\s*(.+)", text)
     extras = [f for f in ("avx512f", "avx512_bf16", "amx_bf16") if flags and f in flags.group(1).split()]
     return f"{name.group(1).strip() if name else 'CPU'} ({', '.join(extras) or 'no AVX-512'})"
-
-
-def dense_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
-    from lightning.fabric.utilities.throughput import get_available_flops
-
-    lightning = get_available_flops(device, dtype)
-    chip = torch.cuda.get_device_name(device).lower()
-    own = (
-        next((v for k, v in DENSE_BF16_PEAK.items() if k in chip), None) if dtype == torch.bfloat16 else None
-    )
-    if own is not None and (lightning is None or own < lightning):
-        return own, "gpu_check's datasheet table (dense bf16)"
-    return (float(lightning), "lightning get_available_flops") if lightning else (None, "unknown chip")
 
 
 def peak_memory_start(device: torch.device) -> float:
@@ -487,7 +459,7 @@ def speed_checks(size: Size, device: torch.device, info: dict[str, Any], workdir
         Check(
             "memory: chunked vs standard loss",
             eager.peak_mb < standard.peak_mb,
-            f"peak {eager.peak_mb:,.0f} MB with model.loss_chunk={size.loss_chunk} vs {standard.peak_mb:,.0f} MB "
+            f"peak {eager.peak_mb:,.0f} MB with task.loss_chunk={size.loss_chunk} vs {standard.peak_mb:,.0f} MB "
             f"with the standard loss ({saved:.0%} less); step {standard.step_s / eager.step_s:.2f}× as fast",
             kind="speed",
             data={"chunked_mb": eager.peak_mb, "standard_mb": standard.peak_mb, "saved": saved},
@@ -559,7 +531,7 @@ def run_experiment(name: str, model_dir: Path | None, size: Size, out: Path, thr
         f"trainer={size.trainer}",
         f"trainer.max_steps={size.exp_steps}",
         f"trainer.val_check_interval={size.exp_steps}",
-        "eval.seeds=1",
+        "eval.repeats=1",
         f"hydra.run.dir={run_dir}",  # whichever the experiment is, a single run or a sweep
         f"hydra.sweep.dir={run_dir}",
         *([f"model.name_or_path={model_dir}"] if model_dir else []),

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gptft.utils.io import atomic_write_json
 
-SHORT = ("trainer.val_check_interval=1000", "eval.seeds=1", "eval.free_prompts=2", "data.val_windows=4")
+SHORT = ("trainer.val_check_interval=1000", "eval.repeats=1", "eval.free_prompts=2", "data.val_windows=4")
 VARIANTS = {
     "quickstart (small, batch 8 × 128), 10 steps": (
         "experiment=quickstart",

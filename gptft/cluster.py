@@ -70,7 +70,7 @@ def continue_requeued(cfg: DictConfig) -> DictConfig:
     run = Path(cfg.paths.output_dir)
     if not (run / "metrics.json").is_file():
         return cfg  # requeued before the run began: start it
-    from gptft.utils.checkpoint import resumed_config
+    from gptft.config import resumed_config
 
     start = cfg.copy()
     start.resume = str(run)

@@ -47,6 +47,12 @@ OmegaConf.register_new_resolver("gptft_hydra_subdir", _hydra_subdir, replace=Tru
 warnings.filterwarnings("ignore", r"(?s).*is validated against ConfigStore schema", UserWarning)
 
 
+def _without(node: DictConfig, *keys: str) -> DictConfig:
+    """A copy of a config node without `keys`: settings gptft reads itself beside a class's own arguments."""
+    resolved = OmegaConf.to_container(node, resolve=True)  # interpolations point into the whole config
+    return OmegaConf.create({k: v for k, v in resolved.items() if k not in keys})
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run one experiment; return its metrics (what metrics.json holds). `extra_callbacks` join the config's
     (gptft.search adds a trial's pruning callback)."""
@@ -61,7 +67,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     from hydra.utils import instantiate
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from gptft.callbacks import RunRecord, SafeStop
+    from gptft.callbacks import ReferenceProbe, RunRecord, SafeStop
     from gptft.cluster import slurm_plugins
     from gptft.models import build_model, context_length, export_hf_model, model_config
     from gptft.models.precision import resolve_precision, set_tf32
@@ -86,9 +92,16 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     datamodule = instantiate(cfg.data)
     datamodule.setup("fit")  # corpus and split problems surface now, before weights load
     write_lengths_figure(out)  # question/answer data: the histogram of what the data module measured
+    configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    # A missing reference text, or the training text itself, fails now, before the weights load.
+    for callback in configured:
+        if isinstance(callback, ReferenceProbe):
+            callback.resolve(datamodule.text)
     model = build_model(**cfg.model)
     if is_lora(cfg.freeze):  # LoRA wraps the model (PEFT); the other strategies set requires_grad in place
-        model, frozen = apply_lora(model, strategy=OmegaConf.select(cfg, "trainer.strategy._target_"), **cfg.freeze)
+        model, frozen = apply_lora(
+            model, strategy=OmegaConf.select(cfg, "trainer.strategy._target_"), **cfg.freeze
+        )
     else:
         frozen = apply_freeze(model, **cfg.freeze)
     log.info("freeze=%s: parameters per block\n%s", cfg.freeze.name, format_freeze_table(frozen))
@@ -98,7 +111,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
         model=model,
         optim=cfg.optim,
         schedule=cfg.schedule,
-        loss_chunk=cfg.model.loss_chunk,
         seed=cfg.seed,
         no_decay=frozen.get("no_decay", []),
         _convert_="all",
@@ -112,8 +124,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     record.data.update(datamodule.metrics())  # what the data measured at setup (InstructPairs: token lengths)
     callbacks = [
         record,
-        instantiate(cfg.eval),
-        *(instantiate(c) for c in (cfg.get("callbacks") or {}).values()),
+        instantiate(_without(cfg.eval, "reference")),  # eval.reference is the ReferenceProbe's text
+        *configured,
         *extra_callbacks,
         # Last (Lightning runs checkpoint callbacks after all others): a stop's checkpoint holds every record of
         # the step, and a nan step is judged before any checkpoint of it is written.
@@ -121,9 +133,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     ]
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values()]
     precision = resolve_precision(cfg.trainer.precision, cfg.trainer.accelerator)
-    set_tf32(bool(cfg.model.get("tf32", False)))  # trainer=gpu turns it on; a no-op off CUDA
+    set_tf32(bool(cfg.trainer.get("tf32", False)))  # trainer=gpu turns it on; a no-op off CUDA
     trainer = instantiate(
-        cfg.trainer,
+        _without(cfg.trainer, "tf32"),  # gptft's setting beside Lightning's own
         callbacks=callbacks,
         logger=loggers or False,
         precision=precision,
@@ -137,7 +149,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     weights = full_weights(task.model, trainer.strategy)  # trainer=fsdp: every rank joins the gather
     if trainer.is_global_zero:
         model = task.model if weights is None else unsharded_copy(task.model, weights)
-        if is_peft_model(model):  # the adapter in PEFT's format beside hf_model/, which gets the merged weights
+        # LoRA: the adapter in PEFT's format beside hf_model/, which gets the merged weights.
+        if is_peft_model(model):
             model = save_adapter_and_merge(model, out / "lora_adapter")
         export_hf_model(model, out / "hf_model")
         log.info("outputs: %s  (tensorboard --logdir %s)", out, out.parent)
@@ -150,7 +163,7 @@ def main(cfg: DictConfig) -> float | None:
         if cfg.resume:
             from hydra.core.hydra_config import HydraConfig
 
-            from gptft.utils.checkpoint import resumed_config
+            from gptft.config import resumed_config
 
             cfg = resumed_config(cfg, list(HydraConfig.get().overrides.task))
         else:  # a job that Slurm requeued continues its own run folder (gptft/cluster.py)
@@ -173,4 +186,11 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    from gptft.config import check_renamed
+
+    try:
+        check_renamed(sys.argv[1:])
+    except ConfigError as e:
+        print(f"gptft: error: {e}", file=sys.stderr)
+        sys.exit(2)
     main()

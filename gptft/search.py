@@ -134,8 +134,9 @@ def check_definition(overrides: Sequence[str], spaces: Sequence[Space]) -> None:
     gptft's checks (gptft.config.validate), so a typo fails in seconds with one line."""
     from omegaconf import OmegaConf
 
-    from gptft.config import validate
+    from gptft.config import check_renamed, validate
 
+    check_renamed([*overrides, *(f"{space.key}=" for space in spaces)])
     for override in overrides:
         if override.split("=", 1)[0].lstrip("+~").startswith(("hydra.", "resume", "ckpt_path", "paths.")):
             raise ConfigError(f"{override}: the search gives every trial its own folder; leave it out")

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# Tests that run gptft in this process never reach the hub either (read when huggingface_hub is imported).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
@@ -50,6 +52,22 @@ def run_ok(run_gptft):
         result = run_gptft(*overrides, **kwargs)
         assert result.returncode == 0, result.stderr[-3000:]
         return result
+
+    return run
+
+
+@pytest.fixture
+def train_here(data_dir, tmp_path, monkeypatch):
+    """`gptft.run.train` in this process, on the config Hydra composes from `overrides` (what gptft.search does for
+    a trial): for runs refused before training, whose one line is the ConfigError's message. No interpreter start,
+    so seconds faster than a subprocess; the subprocess tests keep the exit status and stderr contract."""
+    from gptft.run import train
+    from gptft.search import compose
+
+    monkeypatch.setenv("GPTFT_DATA_DIR", str(data_dir))
+
+    def run(*overrides: str) -> dict:
+        return train(compose(list(overrides), output_dir=tmp_path / "run"))
 
     return run
 

@@ -35,13 +35,20 @@ CASES = {
     "empty corpus": (["data.path={bad}/empty.txt"], "is empty"),
     "binary corpus": (["data.path={bad}/image.png"], "is a binary file"),
     "top-k tokens zero": (
-        ["eval.top_k_tokens=0"],
-        "eval.top_k_tokens=0 must be a whole number between 1 and 50257",
+        ["eval.style_tokens=0"],
+        "eval.style_tokens=0 must be a whole number between 1 and 50257",
     ),
     "top-k tokens past the vocabulary": (
-        ["eval.top_k_tokens=60000"],
-        "eval.top_k_tokens=60000 must be a whole number between 1 and 50257",
+        ["eval.style_tokens=60000"],
+        "eval.style_tokens=60000 must be a whole number between 1 and 50257",
     ),
+    "renamed: generation repeats": (["eval.seeds=2"], "eval.seeds is now eval.repeats: write eval.repeats=2"),
+    "renamed: style set": (["eval.top_k_tokens=50"], "eval.top_k_tokens is now eval.style_tokens"),
+    "renamed: chunked loss": (
+        ["model.loss_chunk=0"],
+        "model.loss_chunk is now task.loss_chunk: write task.loss_chunk=0",
+    ),
+    "renamed: tf32": (["+model.tf32=true"], "model.tf32 is now trainer.tf32: write +trainer.tf32=true"),
     "KL pattern matching nothing": (["task=kl_target", "task.target.pattern=zzzzzzzzzz"], "matches no token"),
     "KL pattern not a regex": (
         ["task=kl_target", "task.target.pattern='x('"],
@@ -104,15 +111,41 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# From the command line, in a subprocess: the exit status and the one line on stderr, for a setting refused by the
+# checks before Hydra (renamed), by the schema, by the data, by resume=, and by the model loader (its HF_HOME).
+COMMAND_LINE = (
+    "renamed: generation repeats",
+    "renamed: tf32",
+    "lr zero",
+    "corpus missing offline",
+    "resume a folder that is no run",
+    "weights missing offline",
+)
+
+
+@pytest.mark.parametrize("case", COMMAND_LINE)
 def test_bad_input_gives_one_clear_line(case, run_gptft, bad_files, tmp_path):
     overrides, message = CASES[case]
     overrides = [o.format(bad=bad_files) for o in overrides]
     result = run_gptft(*FAST, *overrides, f"hydra.run.dir={tmp_path / 'run'}", env={"HF_HOME": str(tmp_path)})
-    assert result.returncode != 0
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("gptft: error: "), result.stderr[-2000:]
     assert message in result.stderr, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "run" / "metrics.json").exists()  # it stopped before any training
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c not in COMMAND_LINE and not c.startswith("renamed")])
+def test_bad_input_is_one_line_naming_the_setting(case, bad_files, train_here, tmp_path):
+    """The same contract in this process: the ConfigError that gptft.run prints as its one line, raised before
+    any training."""
+    from gptft.errors import ConfigError
+
+    overrides, message = CASES[case]
+    with pytest.raises(ConfigError) as error:
+        train_here(*FAST, *(o.format(bad=bad_files) for o in overrides))
+    assert message in str(error.value) and "\n" not in str(error.value)
+    assert not (tmp_path / "run" / "metrics.json").exists()
 
 
 def test_an_earlier_run_is_never_overwritten(run_gptft, tmp_path):

@@ -50,7 +50,7 @@ def killed_run(gptft_env, tmp_path_factory) -> Path:
         "debug=fast",
         "trainer.max_steps=100000",
         "callbacks.checkpoint.every_n_train_steps=2",
-        "eval.seeds=0",
+        "eval.repeats=0",
     ]
     with open(out.parent / "killed.log", "w") as log:
         proc = subprocess.Popen(
@@ -86,7 +86,7 @@ def qa_run(run_ok, qa_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "qa"
     run_ok(
         "experiment=instruct", "debug=fast", f"data.train_file={qa_file}", f"data.test_file={qa_file}",
-        "data.max_length=128", "data.batch_size=8", "optim.lr=3e-3", f"trainer.max_steps={QA_STEPS}", "trainer.precision=32-true", "eval.seeds=0",
+        "data.max_length=128", "data.batch_size=8", "optim.lr=3e-3", f"trainer.max_steps={QA_STEPS}", "trainer.precision=32-true", "eval.repeats=0",
         "callbacks.exact_match.questions=4", "callbacks.exact_match.max_new_tokens=16", f"hydra.run.dir={out}",
         timeout=900,
     )  # fmt: skip

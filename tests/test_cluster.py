@@ -19,7 +19,7 @@ from conftest import REPO
 
 # Tiny runs: 12 steps (time for a signal to land mid-training), one generation seed, no reference probe.
 TINY = [
-    "debug=fast", "eval.seeds=1", "eval.free_prompts=2", "eval.max_new_tokens=8", "~callbacks.reference",
+    "debug=fast", "eval.repeats=1", "eval.free_prompts=2", "eval.max_new_tokens=8", "~callbacks.reference",
     "data.val_windows=4", "trainer.max_steps=12", "trainer.val_check_interval=6",
 ]  # fmt: skip
 SLURM = {  # one task of a one-node job, as srun would set them

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from gptft.config import validate
 from gptft.errors import ConfigError
@@ -64,7 +64,7 @@ def test_pretrained_model_configs(name):
         ("optim.lr=inf", "optim.lr=inf is not a finite number"),
         ("schedule.name=linear", "schedule.name=linear is unknown: use one of constant, cosine"),
         ("trainer.accumulate_grad_batches=0", "trainer.accumulate_grad_batches=0 must be a whole number ≥ 1"),
-        ("eval.seeds=1.5", "eval.seeds=1.5 must be a whole number ≥ 0"),
+        ("eval.repeats=1.5", "eval.repeats=1.5 must be a whole number ≥ 0"),
         ("+data.max_length=0", "data.max_length=0 must be a whole number ≥ 1"),
         ("ckpt_path=/no/such.ckpt", "ckpt_path=/no/such.ckpt does not exist"),
         ("trainer=fsdp freeze.qkv_parts=[k]", "freeze.qkv_parts=['k'] masks gradients with hooks"),
@@ -97,3 +97,21 @@ def test_every_schema_setting_is_a_real_key():
     ]
     for setting in SCHEMA:
         assert any(OmegaConf.select(c, setting.key) is not None for c in configs), setting.key
+
+
+def test_renamed_settings_are_refused_in_a_config_and_read_in_a_saved_run():
+    from gptft.config import RENAMED, migrate_renamed
+
+    old = _compose("experiment=quickstart")  # as a run's .hydra/config.yaml from before the renames
+    with open_dict(old):
+        old.eval.seeds, old.model.loss_chunk, old.model.tf32 = (
+            old.eval.pop("repeats"),
+            old.task.pop("loss_chunk"),
+            True,
+        )
+    with pytest.raises(ConfigError, match=r"^eval\.seeds is now eval\.repeats: rename it"):
+        validate(old)  # a user's own experiment file that still says eval.seeds
+    assert migrate_renamed(old) == ["eval.seeds", "model.loss_chunk", "model.tf32"]
+    assert (old.eval.repeats, old.task.loss_chunk, old.trainer.tf32) == (3, 512, True)
+    assert all(OmegaConf.select(old, key) is None for key in RENAMED)
+    validate(old)

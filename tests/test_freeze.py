@@ -87,7 +87,7 @@ def paired(run_ok, tiny_model_dir, tmp_path_factory):
         "data.seq_len=64",
         "data.val_windows=8",
         "eval.max_new_tokens=20",
-        "eval.seeds=1",
+        "eval.repeats=1",
         f"hydra.sweep.dir={folder}",
     )
     a, b = sorted(p for p in folder.iterdir() if p.name[0].isdigit())

@@ -253,7 +253,7 @@ RUN = (
     "data.val_pairs=8",
     "optim.lr=1e-3",
     "eval.max_new_tokens=20",
-    "eval.seeds=1",
+    "eval.repeats=1",
     "callbacks.exact_match.questions=2",
     "callbacks.exact_match.max_new_tokens=8",
 )

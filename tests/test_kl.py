@@ -88,7 +88,7 @@ def test_kl_x_run_raises_target_mass_and_x_ratio(run_ok, tiny_model_dir, tmp_pat
         "trainer.max_steps=20",
         "optim.lr=1e-2",
         "eval.max_new_tokens=30",
-        "eval.seeds=2",
+        "eval.repeats=2",
         "data.val_windows=8",
         f"hydra.sweep.dir={sweep}",
     )

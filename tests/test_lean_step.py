@@ -58,7 +58,7 @@ def test_training_curves_match_with_and_without_chunking(run_ok, tmp_path):
             "debug=fast",
             "optim.lr=1e-3",
             "trainer.precision=32-true",
-            f"model.loss_chunk={chunk}",
+            f"task.loss_chunk={chunk}",
             *no_dropout,
             f"hydra.run.dir={run}",
         )

@@ -16,7 +16,7 @@ SMALL = (
     "data.seq_len=64",
     "data.val_windows=8",
     "eval.max_new_tokens=30",
-    "eval.seeds=2",
+    "eval.repeats=2",
 )
 
 
@@ -38,6 +38,14 @@ def sweep(run_ok, tiny_model_dir, tmp_path_factory):
         f"hydra.sweep.dir={folder}",
     )
     return folder
+
+
+def test_lr_sweep_is_one_hydra_multirun_job_per_lr(sweep):
+    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
+    assert [p.name[:2] for p in jobs] == ["0_", "1_"]  # numbered, then named by the overrides (cut at 100 chars)
+    records = [json.loads((p / "metrics.json").read_text()) for p in jobs]
+    assert [r["config"]["optim"]["lr"] for r in records] == [1e-3, 1e-4]
+    assert all(r["status"] == "completed" for r in records)
 
 
 def test_lr_sweep_writes_its_report_by_itself(sweep):

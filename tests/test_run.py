@@ -103,14 +103,3 @@ def test_finetune_a_saved_model_through_name_or_path(scratch_run, run_ok, tmp_pa
     second = json.loads((out / "metrics.json").read_text())
     # Same test windows: the loaded model starts exactly where the first run ended (not from random init).
     assert second["before"]["val_loss"] == pytest.approx(first["after"]["val_loss"], rel=1e-5)
-
-
-def test_lr_sweep_through_hydra_multirun(run_ok, tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_ok("-m", "debug=fast", "optim.lr=1e-3,1e-5", f"hydra.sweep.dir={sweep}")
-    jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
-    assert [p.name for p in jobs] == ["0_optim.lr=0.001", "1_optim.lr=1e-05"], result.stdout[-2000:]
-    lrs = [json.loads((p / "metrics.json").read_text())["config"]["optim"]["lr"] for p in jobs]
-    assert lrs == [1e-3, 1e-5]
-    drops = [json.loads((p / "metrics.json").read_text()) for p in jobs]
-    assert all(d["status"] == "completed" for d in drops)

@@ -60,6 +60,27 @@ def test_flops_of_the_tiny_model_as_it_is_frozen(tiny_model_dir):
     assert model_flops_per_token(model, 64) == TINY_FLOPS_BLOCK0_FROZEN == 19_897_600
 
 
+@pytest.mark.parametrize(
+    "trains",
+    ["everything", "transformer.h.1.attn.c_attn.", "not transformer.h.0."],
+)
+def test_flops_agree_with_what_lightnings_flop_counter_sees_run(trains, tiny_model_dir):
+    # measure_flops runs a forward and backward under torch's FlopCounterMode: it counts the matrix products
+    # autograd really runs (frozen weights: no gradient of their own; nothing below the first trained weight).
+    # It leaves out biases and LayerNorms, which the convention counts, hence the tolerance.
+    from lightning.fabric.utilities.throughput import measure_flops
+
+    model = build_model(name_or_path=str(tiny_model_dir))
+    for name, p in model.named_parameters():
+        if trains != "everything":
+            p.requires_grad = (
+                not name.startswith(trains[4:]) if trains.startswith("not ") else name.startswith(trains)
+            )
+    x = torch.randint(0, 50257, (1, 64), generator=torch.Generator().manual_seed(0))
+    counted = measure_flops(model, lambda: model(x).logits, lambda logits: logits.float().sum()) / x.numel()
+    assert counted == pytest.approx(model_flops_per_token(model, 64), rel=3e-3)
+
+
 def test_each_rank_draws_its_slice_of_one_global_batch(data_dir):
     data = BookWindows(seq_len=64, batch_size=4, seed=7, data_dir=str(data_dir))
     data.setup("fit")
@@ -92,7 +113,7 @@ PARALLEL = (
     "trainer.accelerator=cpu",
     "trainer.devices=2",
     "trainer.max_steps=4",
-    "eval.seeds=1",
+    "eval.repeats=1",
     "eval.free_prompts=2",
     "callbacks=weight_delta",
     "callbacks.throughput.window=2",
@@ -175,10 +196,8 @@ def test_fsdp_shards_trains_as_ddp_does_and_resumes(ddp_run, run_ok, tmp_path):
     assert not torch.equal(
         fsdp_weights["model.transformer.h.1.mlp.c_fc.weight"], step2["transformer.h.1.mlp.c_fc.weight"]
     )
-    for name in [n for n in ddp_weights if n.startswith("model.transformer.h.0.")]:
-        assert torch.equal(fsdp_weights[name], step2[name.removeprefix("model.")]), (
-            name
-        )  # frozen: never touched
+    for name in [n for n in ddp_weights if n.startswith("model.transformer.h.0.")]:  # frozen: never touched
+        assert torch.equal(fsdp_weights[name], step2[name.removeprefix("model.")]), name
 
     # The probes ran on every rank (a rank-0-only probe would hang on the sharded weights) and measured the
     # same model; the tracker summed the ranks' shards of every matrix into whole-matrix norms.
@@ -186,7 +205,8 @@ def test_fsdp_shards_trains_as_ddp_does_and_resumes(ddp_run, run_ok, tmp_path):
     assert metrics["after"]["val_loss"] < metrics["before"]["val_loss"]
     rows = {run: (run / "weight_delta.csv").read_text().splitlines() for run in (out, ddp)}
     assert rows[out][0] == rows[ddp][0] and len(rows[out][0].split(",")) == 5  # step + 4 attention matrices
-    for resumed, reference_row in zip(rows[out][1:], rows[ddp][1:], strict=True):  # steps 1-4, across the resume
+    # steps 1-4, across the resume
+    for resumed, reference_row in zip(rows[out][1:], rows[ddp][1:], strict=True):
         assert [float(v) for v in resumed.split(",")] == pytest.approx(
             [float(v) for v in reference_row.split(",")], rel=1e-4, abs=1e-9
         )
@@ -209,7 +229,7 @@ def test_bf16_and_compile_train_save_and_load(run_ok, tmp_path):
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",
         "callbacks.checkpoint.every_n_train_steps=2",
-        "eval.seeds=0",
+        "eval.repeats=0",
         "eval.prompts=[]",
         f"hydra.run.dir={out}",
         timeout=400,
@@ -233,9 +253,9 @@ def _compose(*overrides: str):
 def test_gpu_presets_are_settings():
     gpu = _compose("experiment=quickstart", "trainer=gpu")
     assert (gpu.trainer.accelerator, gpu.trainer.precision) == ("gpu", "bf16-mixed")
-    assert gpu.data.pin_memory is True and gpu.model.tf32 is True and gpu.trainer.max_steps == 150
+    assert gpu.data.pin_memory is True and gpu.trainer.tf32 is True and gpu.trainer.max_steps == 150
     assert _compose("trainer=gpu", "data.pin_memory=false").data.pin_memory is False
-    assert _compose("trainer=cpu").model.get("tf32") is None  # off the GPU presets, nothing changes
+    assert _compose("trainer=cpu").trainer.tf32 is False  # off the GPU presets, nothing changes
 
     ddp = _compose("trainer=ddp", "trainer.devices=8", "trainer.num_nodes=2")
     assert (ddp.trainer.devices, ddp.trainer.num_nodes, ddp.trainer.precision) == (8, 2, "bf16-mixed")

@@ -21,7 +21,7 @@ from conftest import REPO
 
 # 4 steps, validation (and so a pruning point) every 2; one generation seed; no reference probe.
 TRIAL = [
-    "debug=fast", "eval.seeds=1", "eval.free_prompts=2", "eval.max_new_tokens=8", "~callbacks.reference",
+    "debug=fast", "eval.repeats=1", "eval.free_prompts=2", "eval.max_new_tokens=8", "~callbacks.reference",
     "data.val_windows=4", "trainer.max_steps=4", "trainer.val_check_interval=2",
 ]  # fmt: skip
 # 1e-7 barely moves the loss, so after one finished trial at 3e-3 the median pruner stops it at step 2. With

@@ -27,7 +27,7 @@ QA = (
     "trainer.max_steps=3",
     "trainer.val_check_interval=3",
     "callbacks.checkpoint.every_n_train_steps=2",  # a periodic save at step 2, the end at step 3
-    "eval.seeds=0",
+    "eval.repeats=0",
     "eval.max_new_tokens=4",
 )
 WAYS = {
@@ -62,16 +62,22 @@ def test_accumulation_and_ranks_train_exactly_as_one_batch(ways):
         weights = checkpoint(ways[name])["state_dict"]
         assert weights.keys() == reference.keys()
         for key in reference:  # the same sums in another order: equal to float rounding
-            torch.testing.assert_close(weights[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}")
+            torch.testing.assert_close(
+                weights[key], reference[key], rtol=1e-5, atol=1e-6, msg=f"{name}: {key}"
+            )
     # The logged loss is the step's loss over every micro-batch and rank: the one batch's loss.
     losses = {name: scalars(run, "train/loss") for name, run in ways.items()}
     for name, curve in losses.items():
         assert [s for s, _ in curve] == [0, 1, 2], name
-        assert [v for _, v in curve] == pytest.approx([v for _, v in losses["one batch of 8"]], rel=1e-5), name
+        assert [v for _, v in curve] == pytest.approx([v for _, v in losses["one batch of 8"]], rel=1e-5), (
+            name
+        )
 
 
 def test_tokens_are_the_labelled_ones_of_all_ranks(ways):
-    tokens = {name: json.loads((run / "metrics.json").read_text())["tokens_trained"] for name, run in ways.items()}
+    tokens = {
+        name: json.loads((run / "metrics.json").read_text())["tokens_trained"] for name, run in ways.items()
+    }
     assert len(set(tokens.values())) == 1, tokens
     # Fewer than the padded 3 × 8 × 47 positions: the questions and the padding carry no label.
     assert 0 < tokens["one batch of 8"] < 3 * 8 * 47
@@ -95,14 +101,35 @@ def test_last_checkpoint_holds_the_final_step(ways):
 
 
 @pytest.mark.parametrize(
-    "override",
-    ["data.seed=3", "freeze=upper_qkv", "data.seq_len=32", "optim.lr=1e-3", "data.batch_size=4", "seed=2"],
+    "override", ["data.seed=3", "freeze=upper_qkv", "data.seq_len=32", "optim.lr=1e-3", "data.batch_size=4"]
 )
-def test_resume_refuses_what_would_change_the_run(ways, run_gptft, override):
+def test_resume_refuses_what_would_change_the_run(ways, override):
+    from omegaconf import OmegaConf
+
+    from gptft.config import resumed_config
+    from gptft.errors import ConfigError
+
+    run = ways["one batch of 8"]
+    with pytest.raises(
+        ConfigError, match=r"^resume= continues a run exactly, so (\S+) cannot apply"
+    ) as error:
+        resumed_config(OmegaConf.create({"resume": str(run)}), [f"resume={run}", override])
+    assert override in str(error.value)
+    allowed = resumed_config(
+        OmegaConf.create({"resume": str(run)}), ["trainer.max_steps=5", "eval.repeats=1"]
+    )
+    assert (allowed.trainer.max_steps, allowed.eval.repeats, allowed.ckpt_path) == (
+        5,
+        1,
+        str(run / "checkpoints/last.ckpt"),
+    )
+
+
+def test_a_refused_resume_is_one_line_and_writes_nothing(ways, run_gptft):
     run = ways["one batch of 8"]
     before = (run / "metrics.json").read_bytes()
-    result = run_gptft(f"resume={run}", override)
+    result = run_gptft(f"resume={run}", "seed=2")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
-    assert line.startswith("gptft: error: resume= continues a run exactly") and override in line
+    assert line.startswith("gptft: error: resume= continues a run exactly") and "seed=2" in line
     assert (run / "metrics.json").read_bytes() == before  # nothing written

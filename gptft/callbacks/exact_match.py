@@ -14,6 +14,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from gptft.callbacks.before_after import BeforeAfter
 from gptft.data.instruct import InstructPairs
 from gptft.data.qa.template import Template
 from gptft.errors import ConfigError
@@ -81,7 +82,7 @@ def held_out_pairs(datamodule: Any, n: int) -> list[tuple[str, str]]:
     return pairs
 
 
-class ExactMatch(L.Callback):
+class ExactMatch(BeforeAfter):
     """Greedy answers to the first `questions` whole held-out pairs, scored by exact match
     (gptft.metrics.qa: GSM8K's final number), at fit start ("before") and fit end ("after").
 
@@ -90,22 +91,12 @@ class ExactMatch(L.Callback):
     """
 
     def __init__(self, out_dir: str, questions: int = 16, max_new_tokens: int = 64):
+        super().__init__()
         for name, value in (("questions", questions), ("max_new_tokens", max_new_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"callbacks.exact_match.{name}={value} must be a whole number ≥ 1")
         self.out_dir = Path(out_dir)
         self.questions, self.max_new_tokens = questions, max_new_tokens
-        self.results: dict[str, dict[str, float]] = {}
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run already has its "before"
-            self.probe("before", trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.probe("after", trainer, pl_module)
-
-    def metrics(self) -> dict[str, Any]:
-        return self.results
 
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> float:
         datamodule = trainer.datamodule

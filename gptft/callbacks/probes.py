@@ -11,6 +11,7 @@ import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 
+from gptft.callbacks.before_after import BeforeAfter
 from gptft.metrics import NgramIndex, distinct_n, share_in, top_token_ids
 from gptft.models.generate import sample_tokens
 from gptft.text.tokenizer import EOT_ID, VOCAB_SIZE, gpt2_encoding
@@ -29,15 +30,15 @@ def spread(values: list[float]) -> dict[str, Any]:
     }
 
 
-class Probes(L.Callback):
+class Probes(BeforeAfter):
     """Measure the model at fit start ("before") and fit end ("after").
 
     - held-out loss and perplexity on the fixed test windows;
     - samples continuing `prompts` (the same seed each time);
-    - free generation, repeated for `seeds` seeds: `free_prompts` prompts of one uniformly random token,
+    - free generation, repeated `repeats` times (each its own seed): `free_prompts` prompts of one uniformly random token,
       each continued by sampling; its style ratio (% of generated tokens among the training text's
-      `top_k_tokens` most frequent ids), copy rate (share of generated `copy_ngram`-grams found verbatim
-      in the training text) and distinct-1/2, as mean and spread over the seeds; plus, for every token set
+      `style_tokens` most frequent ids), copy rate (share of generated `copy_ngram`-grams found verbatim
+      in the training text) and distinct-1/2, as mean and spread over the repeats; plus, for every token set
       the task names in `probe_token_sets()` (the KL study's target ids), the share of generated tokens in it.
 
     Prompts and sampling depend only on (seed, repeat), so before and after, and model A and B of a
@@ -54,32 +55,22 @@ class Probes(L.Callback):
         temperature: float = 1.0,
         seed: int = 0,
         ban_eot: bool = True,
-        seeds: int = 3,
+        repeats: int = 3,
         free_prompts: int = 10,
-        top_k_tokens: int = 100,
+        style_tokens: int = 100,
         copy_ngram: int = 8,
     ):
+        super().__init__()
         self.prompts = list(prompts)
         self.out_dir = Path(out_dir)
         self.sampling = dict(
             max_new_tokens=max_new_tokens, top_k=top_k, temperature=temperature, ban_eot=ban_eot
         )
-        self.seed, self.seeds, self.free_prompts = seed, seeds, free_prompts
-        self.top_k_tokens, self.copy_ngram = top_k_tokens, copy_ngram
-        self.results: dict[str, dict[str, Any]] = {}
+        self.seed, self.repeats, self.free_prompts = seed, repeats, free_prompts
+        self.style_tokens, self.copy_ngram = style_tokens, copy_ngram
         self._top_ids: torch.Tensor | None = None
         self._ngrams: NgramIndex | None = None
         self._token_sets: dict[str, torch.Tensor] = {}  # the task's own sets, e.g. the KL target's ids
-
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.global_step == 0:  # a resumed run already has its "before"
-            self.probe("before", trainer, pl_module)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.probe("after", trainer, pl_module)
-
-    def metrics(self) -> dict[str, Any]:
-        return self.results
 
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> dict[str, Any]:
         # Every rank runs the model (under trainer=fsdp each forward gathers the weights from all ranks, so
@@ -110,7 +101,7 @@ class Probes(L.Callback):
     def _index_training_text(self, datamodule: L.LightningDataModule) -> None:
         if self._top_ids is None:
             train_ids = datamodule.train_token_ids()
-            self._top_ids = top_token_ids(train_ids, self.top_k_tokens)
+            self._top_ids = top_token_ids(train_ids, self.style_tokens)
             self._ngrams = NgramIndex(train_ids, self.copy_ngram)
 
     def samples(self, model: torch.nn.Module) -> list[tuple[str, str]]:
@@ -136,13 +127,13 @@ class Probes(L.Callback):
         }
 
     def free_generation(self, model: torch.nn.Module) -> tuple[dict[str, dict], list[tuple[str, str]]]:
-        """Measures over `seeds` repeats of batched free generation, and the first repeat's texts."""
-        if self.seeds < 1 or self.free_prompts < 1:
+        """Measures over `repeats` repeats of batched free generation, and the first repeat's texts."""
+        if self.repeats < 1 or self.free_prompts < 1:
             return {}, []
         per_seed: list[dict[str, float]] = []
         texts: list[tuple[str, str]] = []
         enc = gpt2_encoding()
-        for repeat in range(self.seeds):
+        for repeat in range(self.repeats):
             g = torch.Generator().manual_seed(derive_seed(self.seed, repeat, "free-prompts"))
             prompts = torch.randint(0, VOCAB_SIZE, (self.free_prompts, 1), generator=g)
             seed = derive_seed(self.seed, repeat, "free-sampling")

@@ -10,20 +10,32 @@ those that carry a label.
 
 from __future__ import annotations
 
+import logging
 import statistics
 from typing import Any
 
 import lightning as L
+import torch
 
-from gptft.models.flops import model_flops_per_token
+from gptft.models.flops import dense_peak, model_flops_per_token
 from gptft.utils.clock import device_clock
+
+log = logging.getLogger(__name__)
+
+
+def _matmul_dtype(precision: str) -> torch.dtype:
+    """The dtype of the matrix products under a Lightning precision ("bf16-mixed", "16-mixed", "32-true", ...)."""
+    if "bf16" in precision:
+        return torch.bfloat16
+    return torch.float16 if precision.startswith("16") else torch.float32
 
 
 class Throughput(L.Callback):
     """tokens/s and samples/s of the whole job (all ranks) and MFU per device, over windows of batches.
 
     `peak_flops` is one device's peak for the precision trained in (dense, no sparsity), e.g. 989e12 for an
-    H100 SXM in bf16, 312e12 for an A100; None (the default) skips MFU. Nothing here syncs the device inside a
+    H100 SXM in bf16, 312e12 for an A100; None (the default): a known GPU's datasheet figure
+    (gptft.models.flops.dense_peak), and no MFU on a CPU or an unknown chip. Nothing here syncs the device inside a
     step: only batch shapes are read per step, and the clock is read (after one CUDA synchronize) at the
     window's ends.
     """
@@ -41,6 +53,9 @@ class Throughput(L.Callback):
         # are linear in the context T, so two counts give them at every T.
         self._dense = model_flops_per_token(pl_module.model, 0)
         self._per_position = model_flops_per_token(pl_module.model, 1) - self._dense
+        if self.peak_flops is None and pl_module.device.type == "cuda":
+            self.peak_flops, source = dense_peak(pl_module.device, _matmul_dtype(str(trainer.precision)))
+            log.info("MFU against a peak of %s FLOP/s (%s)", self.peak_flops or "no known", source)
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._restart(pl_module)  # after the "before" probes (an earlier callback), so they are not timed

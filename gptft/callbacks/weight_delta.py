@@ -65,6 +65,9 @@ class WeightDelta(L.Callback):
         """‖W − W_previous‖_F of every tracked matrix, then remember W (foreach ops, no device sync; one
         all-reduce of the squared norms of the shards when they are sharded)."""
         norms = torch.zeros(0)
+        # torch's multi-tensor ops (private, as torch.nn.utils.clip_grad_norm_ itself uses them): the public
+        # get_total_norm gives only the norm of all tensors together, and a loop of vector_norm launches one
+        # kernel per matrix per step.
         if self._params:
             norms = torch.stack(torch._foreach_norm(torch._foreach_sub(self._params, self._previous)))
             torch._foreach_copy_(self._previous, self._params)

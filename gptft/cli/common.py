@@ -9,9 +9,14 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from gptft.errors import ConfigError
+
+if TYPE_CHECKING:  # the commands import torch and transformers only once they run
+    from transformers import PreTrainedModel
+
+    from gptft.data.qa.template import Template
 
 SOURCE_HELP = (
     "a run folder (outputs/<experiment>/<time>: its hf_model/, else its checkpoints/last.ckpt), an hf_model/ "
@@ -38,7 +43,7 @@ class Source:
     def where(self) -> str:
         return str(self.checkpoint or self.model_dir or self.hub_id)
 
-    def template(self):  # -> gptft.data.instruct.Template | None
+    def template(self) -> Template | None:
         """The run's question/answer template (data.prompt), or None for book runs and bare models."""
         prompt = (self.config.get("data") or {}).get("prompt")
         if not isinstance(prompt, dict) or "question_prefix" not in prompt:
@@ -119,7 +124,7 @@ def resolve_source(given: str, checkpoint: str | None = None, prefer_checkpoint:
     return Source(given, hub_id=given)
 
 
-def load_model(source: Source, device: str = "auto", prog: str = "gptft"):
+def load_model(source: Source, device: str = "auto", prog: str = "gptft") -> PreTrainedModel:
     """The model SOURCE names, in eval mode on `device` (auto: CUDA when there is one)."""
     import torch
     from transformers.utils import logging as hf_logging
@@ -141,7 +146,7 @@ def load_model(source: Source, device: str = "auto", prog: str = "gptft"):
     return model.to(device).eval()
 
 
-def model_from_checkpoint(run: Path, checkpoint: Path, config: dict[str, Any]):
+def model_from_checkpoint(run: Path, checkpoint: Path, config: dict[str, Any]) -> tuple[PreTrainedModel, int]:
     """(the Hugging Face model holding a run's checkpoint weights, the checkpoint's step).
 
     The architecture comes from the run's own hf_model/config.json when there is one, else from the run's

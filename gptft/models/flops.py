@@ -14,6 +14,11 @@ Conventions (PaLM appendix B, nanoGPT's `estimate_mfu`), for a decoder of L bloc
 
 Everything trained gives the familiar 6·N + 12·L·d·T. Recomputation by gradient checkpointing is not counted:
 MFU measures useful model work, not hardware work.
+
+Why not Lightning's `measure_flops` (torch's FlopCounterMode): it counts one forward and backward of one input
+shape, so it must run the model (on the meta device, a copy with the same freezing, PEFT wrapping and sharding)
+for every batch length a question/answer run sees; this count is a formula in T. tests/test_scale.py checks that
+the two agree on the tiny model as it is frozen three ways.
 """
 
 from __future__ import annotations
@@ -64,7 +69,9 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     lookups = [p for n, p in model.named_parameters() if n.endswith("wpe.weight")]
     lookups.append(model.get_input_embeddings().weight)
     if any(p.requires_grad for p in lookups):
-        first = 0  # a trained embedding table (the tied one too) needs gradients through every block down to it
+        first = (
+            0  # a trained embedding table (the tied one too) needs gradients through every block down to it
+        )
     trained = sum(p.numel() for _, p in order if p.requires_grad)
     forward_only = sum(p.numel() for _, p in order[:first])
     frozen_backward = sum(p.numel() for _, p in order[first:] if not p.requires_grad)
@@ -77,3 +84,34 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
         blocks_after = [int(m.group(1)) for n, _ in order[first:] if (m := _BLOCK.search(n))]
         l_back = n_layer - int(block.group(1)) if block else (n_layer if blocks_after else 0)
     return flops_per_token(trained, frozen_backward, forward_only, n_layer, d_model, seq_len, l_back)
+
+
+# Dense (no sparsity) bf16 (= fp16) tensor-core peaks in FLOP/s from the vendors' datasheets, most specific name first.
+# Lightning's table (get_available_flops) lacks a plain "NVIDIA H200" and lists the with-sparsity figure for some
+# chips (H200 SXM: 2.0e15), so the lower of the two is used where both know the chip.
+DENSE_BF16_PEAK = {
+    "gh200": 989e12,
+    "h200": 989e12,
+    "h100 nvl": 835e12,
+    "h100 pcie": 756e12,
+    "h100": 989e12,
+    "b200": 2250e12,
+    "a100": 312e12,
+    "l40s": 362e12,
+    "l4": 121e12,
+    "rtx 4090": 165e12,
+    "a10g": 70e12,
+}
+
+
+def dense_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
+    """A CUDA device's dense peak FLOP/s in `dtype` and where the figure comes from ((None, why) when unknown)."""
+    from lightning.fabric.utilities.throughput import get_available_flops
+
+    lightning = get_available_flops(device, dtype)
+    chip = torch.cuda.get_device_name(device).lower()
+    tensor_cores = dtype in (torch.bfloat16, torch.float16)
+    own = next((v for k, v in DENSE_BF16_PEAK.items() if k in chip), None) if tensor_cores else None
+    if own is not None and (lightning is None or own < lightning):
+        return own, "gptft's datasheet table (dense bf16)"
+    return (float(lightning), "lightning get_available_flops") if lightning else (None, "unknown chip")

@@ -41,4 +41,4 @@ def set_tf32(enabled: bool) -> None:
     torch.backends.cuda.matmul.allow_tf32 = bool(enabled)
     torch.backends.cudnn.allow_tf32 = bool(enabled)
     if enabled:
-        log.info("model.tf32=true: CUDA fp32 matrix products may use TF32")
+        log.info("trainer.tf32=true: CUDA fp32 matrix products may use TF32")

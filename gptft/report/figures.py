@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from gptft.report.collect import Run, is_paired  # noqa: E402
@@ -15,6 +16,11 @@ from gptft.report.replicates import Group  # noqa: E402
 from gptft.report.stats import spread  # noqa: E402
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">"]
+
+
+def curve_style(i: int) -> dict:
+    """The i-th curve's line and marker (markers tell curves apart in grey print too)."""
+    return dict(marker=MARKERS[i % len(MARKERS)], markevery=7, markersize=5, lw=1.2)
 
 
 def loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
@@ -28,10 +34,7 @@ def loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]
         ax.plot(
             steps,
             losses,
-            marker=MARKERS[i % len(MARKERS)],
-            markevery=7,
-            markersize=5,
-            lw=1.2,
+            **curve_style(i),
             label=run.label,
         )
     ax.set(xlabel="step", ylabel="train loss", title="Train loss")
@@ -60,9 +63,14 @@ def before_after_figure(runs: list[Run], measure: str, ylabel: str) -> Figure | 
             color=color,
             label=when,
         )
-    ax.set_xticks(range(len(shown)), [r.label for r in shown], rotation=15, ha="right", fontsize=8)
+    title = "before and after training (mean ± std over generation seeds)"
+    return _finish_bars(fig, ax, [r.label for r in shown], ylabel, title, fontsize=10)
+
+
+def _finish_bars(fig: Figure, ax: Axes, labels: list[str], ylabel: str, title: str, fontsize: int) -> Figure:
+    ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
-    ax.set_title("before and after training (mean ± std over generation seeds)", fontsize=10)
+    ax.set_title(title, fontsize=fontsize)
     ax.grid(axis="y", alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -161,10 +169,7 @@ def group_loss_figure(groups: list[Group], curves: dict[str, tuple[list[int], li
         line = ax.plot(
             steps,
             mean,
-            marker=MARKERS[i % len(MARKERS)],
-            markevery=7,
-            markersize=5,
-            lw=1.2,
+            **curve_style(i),
             label=f"{group.label} (mean of {len(runs)} seed{'s' if len(runs) > 1 else ''})",
         )[0]
         if len(runs) > 1:
@@ -211,13 +216,8 @@ def group_before_after_figure(groups: list[Group], measure: str, ylabel: str) ->
             label=when,
         )
     labels = [f"{g.label}\n(n = {len(g.used)})" for g, _, _ in shown]
-    ax.set_xticks(range(len(shown)), labels, rotation=15, ha="right", fontsize=8)
-    ax.set_ylabel(ylabel)
-    ax.set_title("before / after training: mean over training seeds, 95% t interval", fontsize=9)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    return fig
+    title = "before / after training: mean over training seeds, 95% t interval"
+    return _finish_bars(fig, ax, labels, ylabel, title, fontsize=9)
 
 
 def paired_seeds_loss_figure(

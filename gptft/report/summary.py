@@ -175,7 +175,7 @@ def replicates_section(groups: list[Group]) -> list[str]:
         "",
         "Runs that differ only in `seed` form a group. Each cell: mean ± standard deviation over the group's "
         "training seeds [95% Student-t interval of the mean]; a probe's value per run is its mean over the "
-        "`eval.seeds` generation seeds. A group of one run shows its value and no interval.",
+        "`eval.repeats` generation seeds. A group of one run shows its value and no interval.",
         "",
     ]
     if rows:

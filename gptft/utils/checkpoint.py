@@ -8,7 +8,6 @@ from typing import Any
 
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
-from omegaconf import DictConfig, OmegaConf
 
 from gptft.errors import ConfigError
 from gptft.utils.io import atomic_write
@@ -55,56 +54,3 @@ def check_resumable(ckpt_path: str | None, model: torch.nn.Module) -> None:
             f"ckpt_path={ckpt_path} holds another model ({odd[0]} is only {where}, and {len(odd) - 1} more "
             "such weights): resume with the model settings it was trained with, or use resume=<run folder>"
         )
-
-
-# What a resumed run may change: settings that only extend the run or observe it. Anything else (the seed, the
-# data, the model, the task, freezing, the optimizer and schedule, precision, batch size, accumulation, the number
-# of devices) would change which batches, weights or optimizer state the rest of the run uses.
-RESUMABLE = (
-    "trainer.max_steps",
-    "trainer.val_check_interval",
-    "trainer.log_every_n_steps",
-    "trainer.enable_progress_bar",
-    "trainer.enable_model_summary",
-    "data.val_windows",
-    "data.val_pairs",
-    "data.pin_memory",
-    "model.compile",
-    "eval.",
-    "callbacks.",
-    "logger.",
-)
-
-
-def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config a `resume=<run folder>` run continues with: the run's own, plus the command line's overrides
-    of the settings in RESUMABLE (e.g. trainer.max_steps=1000). Anything that would make it another run (a
-    group such as model=, the seed, data.seed, freeze.*) is refused."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    run = Path(cfg.resume)
-    saved, last = run / ".hydra" / "config.yaml", run / "checkpoints" / "last.ckpt"
-    if not saved.is_file():
-        raise ConfigError(
-            f"resume={cfg.resume} is not a run folder (no .hydra/config.yaml in it): give a folder under "
-            "outputs/ that holds checkpoints/last.ckpt"
-        )
-    if not last.is_file():
-        raise ConfigError(
-            f"resume={cfg.resume} has no checkpoints/last.ckpt (it stopped before its first checkpoint): "
-            "start it again as a new run"
-        )
-    resumed = OmegaConf.load(saved)
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
-        if key in ("resume", "ckpt_path") or key.startswith("hydra."):
-            continue
-        if override.is_delete() or not key.startswith(RESUMABLE):
-            raise ConfigError(
-                f"resume= continues a run exactly, so {override.input_line} cannot apply (it would change the "
-                "batches, weights or optimizer state; a resume may change only trainer.max_steps, validation, "
-                "eval.*, callbacks.* and logger.*): start a new run for it"
-            )
-        OmegaConf.update(resumed, key, override.value(), merge=False, force_add=override.is_add())
-    resumed.resume, resumed.ckpt_path = str(run), str(last)
-    return resumed
