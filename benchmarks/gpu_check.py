@@ -93,7 +93,11 @@ CPU = Size(
     ("data.seq_len=64", "data.batch_size=2", "data.val_windows=2", "eval.max_new_tokens=8"),
     ("data.max_length=128", "data.batch_size=2", "data.val_pairs=4", "eval.max_new_tokens=8"),
     1024,
-    {"learn_forget": ("freeze=none,lora",)},  # two of its four arms: full fine-tuning and the PEFT path
+    {
+        "learn_forget": ("freeze=none,lora",),  # two of its four arms: full fine-tuning and the PEFT path
+        # exact match answers one question at a time: two short answers prove the path
+        "instruct": ("callbacks.exact_match.questions=2", "callbacks.exact_match.max_new_tokens=8"),
+    },
 )  # fmt: skip
 
 
