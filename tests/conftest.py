@@ -56,18 +56,26 @@ def run_ok(run_gptft):
     return run
 
 
-@pytest.fixture
-def train_here(data_dir, tmp_path, monkeypatch):
+@pytest.fixture(scope="session")
+def train_here(data_dir, tmp_path_factory):
     """`gptft.run.train` in this process, on the config Hydra composes from `overrides` (what gptft.search does for
-    a trial): for runs refused before training, whose one line is the ConfigError's message. No interpreter start,
-    so seconds faster than a subprocess; the subprocess tests keep the exit status and stderr contract."""
+    a trial), into `out` (default: a new folder): no interpreter start, so seconds faster than a subprocess. For
+    runs refused before training (the ConfigError's message is gptft.run's one line) and for runs whose outputs
+    are compared; the subprocess tests keep the command line's contract (exit status, stderr, .hydra/)."""
     from gptft.run import train
     from gptft.search import compose
 
-    monkeypatch.setenv("GPTFT_DATA_DIR", str(data_dir))
-
-    def run(*overrides: str) -> dict:
-        return train(compose(list(overrides), output_dir=tmp_path / "run"))
+    def run(*overrides: str, out: Path | None = None) -> dict:
+        out = out or tmp_path_factory.mktemp("here") / "run"
+        saved = os.environ.get("GPTFT_DATA_DIR")
+        os.environ["GPTFT_DATA_DIR"] = str(data_dir)
+        try:
+            return train(compose(list(overrides), output_dir=out))
+        finally:
+            if saved is None:
+                os.environ.pop("GPTFT_DATA_DIR")
+            else:
+                os.environ["GPTFT_DATA_DIR"] = saved
 
     return run
 

@@ -49,18 +49,18 @@ def test_chunked_function_on_its_own():
     assert torch.allclose(gh, gh_ref, atol=1e-6) and torch.allclose(gw, gw_ref, atol=1e-6)
 
 
-def test_training_curves_match_with_and_without_chunking(run_ok, tmp_path):
+def test_training_curves_match_with_and_without_chunking(train_here, tmp_path):
     no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
     curves = {}
     for chunk in (0, 50):
         run = tmp_path / f"chunk{chunk}"
-        run_ok(
+        train_here(
             "debug=fast",
             "optim.lr=1e-3",
             "trainer.precision=32-true",
             f"task.loss_chunk={chunk}",
             *no_dropout,
-            f"hydra.run.dir={run}",
+            out=run,
         )
         acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
         acc.Reload()
