@@ -1,13 +1,24 @@
 """The lean training step: the chunked output-layer loss equals the standard one; precision by hardware."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from gptft.models import build_model
 from gptft.models.chunked_loss import chunked_linear_cross_entropy
-from gptft.models.precision import BF16_MARGIN, cpu_bf16_native, cpu_bf16_speedup, resolve_precision
+from gptft.models.precision import (
+    BF16_MARGIN,
+    SPEEDUP_ENV,
+    cpu_bf16_native,
+    cpu_bf16_speedup,
+    resolve_precision,
+)
 from gptft.tasks import CausalLM
+
+from conftest import REPO
 
 OPTIM = {"lr": 1e-3, "weight_decay": 0.01}
 
@@ -78,3 +89,12 @@ def test_precision_follows_the_hardware_unless_asked():
     assert resolve_precision("auto", "cpu") == ("bf16-mixed" if speedup >= BF16_MARGIN else "32-true")
     if not torch.cuda.is_available():
         assert resolve_precision("auto", "auto") == resolve_precision("auto", "cpu")
+
+
+def test_the_processes_of_a_run_reuse_its_measurement(gptft_env):
+    # A DDP rank inherits the first process's environment, so every rank makes the first process's choice.
+    code = "from gptft.models.precision import resolve_precision; print(resolve_precision('auto', 'cpu'))"
+    for speedup, chosen in (("9.0", "bf16-mixed"), ("0.5", "32-true")):
+        env = {**gptft_env, SPEEDUP_ENV: speedup}
+        done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
+        assert done.stdout.strip() == (chosen if cpu_bf16_native() else "32-true"), done.stderr[-2000:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from functools import lru_cache
 
@@ -22,6 +23,8 @@ def cpu_bf16_native() -> bool:
 
 # bf16 must beat fp32 by this much on the CPU to be chosen: autocast adds casts around every product.
 BF16_MARGIN = 1.25
+# The measurement, passed on to the processes a run starts (DDP ranks), so that every rank makes the same choice.
+SPEEDUP_ENV = "GPTFT_CPU_BF16_SPEEDUP"
 
 
 @lru_cache(maxsize=1)
@@ -29,9 +32,12 @@ def cpu_bf16_speedup(n: int = 1024, repeats: int = 3) -> float:
     """How many times faster this CPU multiplies n × n matrices in bf16 than in fp32 (best of `repeats` each,
     about 0.1 s in all); 0.0 without AVX512-BF16 or AMX, where bf16 is emulated. Measured, because the flags do
     not settle it: a 2-core Intel Xeon with AVX512-BF16 and no AMX ran bf16 products at 150 GFLOP/s against
-    290 in fp32 (2026-11-30), while AMX runs bf16 several times faster than fp32."""
+    290 in fp32 (2026-11-30), while AMX runs bf16 several times faster than fp32. Measured once per job: the
+    processes a run starts (DDP ranks) read the first process's figure from the environment."""
     if not cpu_bf16_native():
         return 0.0
+    if SPEEDUP_ENV in os.environ:
+        return float(os.environ[SPEEDUP_ENV])
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (0, 1))
@@ -42,7 +48,9 @@ def cpu_bf16_speedup(n: int = 1024, repeats: int = 3) -> float:
             a @ b
             times.append(time.perf_counter() - start)
         best[dtype] = min(times)
-    return best[torch.float32] / best[torch.bfloat16]
+    speedup = best[torch.float32] / best[torch.bfloat16]
+    os.environ[SPEEDUP_ENV] = repr(speedup)
+    return speedup
 
 
 def resolve_precision(precision: str, accelerator: str = "auto") -> str:
