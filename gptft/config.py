@@ -239,7 +239,8 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> DictConfig:
             raise ConfigError(
                 f"resume= continues a run exactly, so {override.input_line} cannot apply (it would change the "
                 "batches, weights or optimizer state; a resume may change only trainer.max_steps, validation, "
-                "eval.*, callbacks.* and logger.*): start a new run for it"
+                "eval.*, callbacks.* and logger.*, but not the reference probe's text or windows): start a new run "
+                "for it"
             )
         OmegaConf.update(resumed, key, override.value(), merge=False, force_add=override.is_add())
     resumed.resume, resumed.ckpt_path = str(run), str(last)
