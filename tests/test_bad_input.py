@@ -148,9 +148,9 @@ def test_bad_input_is_one_line_naming_the_setting(case, bad_files, train_here, t
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
-def test_an_earlier_run_is_never_overwritten(run_gptft, train_here, tmp_path):
+def test_an_earlier_run_is_never_overwritten(run_gptft, tmp_path):
     run = tmp_path / "run"
-    train_here(*FAST, out=run)  # the earlier run, trained in this process
+    assert run_gptft(*FAST, f"hydra.run.dir={run}").returncode == 0
     before = (run / "metrics.json").read_bytes()
     result = run_gptft(*FAST, f"hydra.run.dir={run}")
     assert result.returncode != 0 and f"hydra.run.dir={run} already holds a run" in result.stderr

@@ -60,18 +60,18 @@ def test_chunked_function_on_its_own():
     assert torch.allclose(gh, gh_ref, atol=1e-6) and torch.allclose(gw, gw_ref, atol=1e-6)
 
 
-def test_training_curves_match_with_and_without_chunking(train_here, tmp_path):
+def test_training_curves_match_with_and_without_chunking(run_ok, tmp_path):
     no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
     curves = {}
     for chunk in (0, 50):
         run = tmp_path / f"chunk{chunk}"
-        train_here(
+        run_ok(
             "debug=fast",
             "optim.lr=1e-3",
             "trainer.precision=32-true",
             f"task.loss_chunk={chunk}",
             *no_dropout,
-            out=run,
+            f"hydra.run.dir={run}",
         )
         acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
         acc.Reload()
