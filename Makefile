@@ -5,6 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU build lies on this disk; a GPU user installs their CUDA build into .venv first (or sets TORCH=).
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
+UV     := $(VENV)/bin/uv
 # gpu-check runs in the GPU image's own Python (its CUDA torch, Lightning, transformers, tiktoken, peft, tensorboard,
 # matplotlib), adding only what such an image lacks, from wheels; torch is never reinstalled. WHEELS=<folder>
 # installs them from a folder made by `make wheels` where PyPI cannot be reached. gptft itself runs from this
@@ -17,11 +18,13 @@ WHEELS   ?=
 
 setup: $(STAMP)
 
+# pip puts torch in (it finds the CPU wheel on this disk); uv installs the rest, 8x faster than pip here
+# (5 s against 42 s for the same packages, with torch kept), which is most of a fresh `make run`'s set-up.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q uv
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[dev]"
+	$(UV) pip install -q --python $(PY) -e ".[dev]"
 	touch $@
 
 run: setup
@@ -30,8 +33,11 @@ run: setup
 test: setup
 	MPLBACKEND=Agg $(PY) -m pytest -q
 
-bench: setup
-	$(PY) -m pip install -q -e ".[dev,bench]"
+$(UV): $(STAMP)  # a .venv made before uv came in
+	$(PY) -m pip install -q uv
+
+bench: setup $(UV)
+	$(UV) pip install -q --python $(PY) -e ".[dev,bench]"
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_step.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/data.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/probes.py

@@ -60,6 +60,20 @@ def test_chunked_function_on_its_own():
     assert torch.allclose(gh, gh_ref, atol=1e-6) and torch.allclose(gw, gw_ref, atol=1e-6)
 
 
+def test_under_no_grad_it_is_the_loss_alone():
+    """Validation and the probes take the chunked path too: the same value, and no gradient work."""
+    g = torch.Generator().manual_seed(2)
+    hidden = torch.randn(4, 6, 8, generator=g)
+    weight = torch.nn.Parameter(torch.randn(30, 8, generator=g))
+    labels = torch.randint(0, 30, (4, 6), generator=g)
+    labels[0] = -100
+    ref = torch.nn.functional.cross_entropy((hidden @ weight.t()).flatten(0, 1), labels.flatten())
+    with torch.no_grad():
+        ours = chunked_linear_cross_entropy(hidden, weight, labels, chunk=5)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert not ours.requires_grad and ours.grad_fn is None and weight.grad is None
+
+
 def test_training_curves_match_with_and_without_chunking(run_ok, tmp_path):
     no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
     curves = {}

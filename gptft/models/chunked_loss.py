@@ -53,6 +53,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             total = exp.sum(dim=-1)
             lse = row_max.squeeze(1) + total.log()
             loss += ((lse - target) * scale).sum()
+            if grad_hidden is None and not weight.requires_grad:
+                continue
             # d loss / d logits = (softmax - one_hot) * scale, built in place over the numerators
             grad = exp.mul_((scale / total)[:, None])
             grad[rows, target_ids] -= scale
@@ -98,7 +100,10 @@ def chunked_linear_cross_entropy(
 
     hidden: (..., d); weight: (V, d), e.g. a tied embedding; labels: (...). Equals
     `F.cross_entropy((hidden @ weight.T).float(), labels, ignore_index=ignore_index)` without the logits.
+    Under no_grad (validation, probes) it computes the loss alone, with no gradient products.
     """
+    if not torch.is_grad_enabled():  # evaluation: the loss alone, still without the full logits
+        weight = weight.detach()
     return _ChunkedLinearCrossEntropy.apply(
         hidden.reshape(-1, hidden.size(-1)), weight, labels.reshape(-1), int(chunk), ignore_index
     )

@@ -86,7 +86,7 @@ class CausalLM(L.LightningModule):
         cross-entropy over the labels that are not IGNORE_INDEX. A subclass's loss must be a mean over the
         labelled positions too, so training can weigh micro-batches by the labelled tokens they hold."""
         x, y = batch[0], batch[1]
-        if self.loss_chunk and torch.is_grad_enabled():  # training: never hold all B × T × V logits
+        if self.loss_chunk:  # never hold all B × T × V logits (nor, in validation, their log-softmax)
             # Through the model's own forward (head on the last position only, one B × V row) rather than
             # model.base_model: under trainer=fsdp the root unit gathers the embeddings and the tied head in
             # that forward's hooks and keeps them gathered until backward, where it reduces their gradients.
