@@ -41,6 +41,7 @@ def test_every_check_passes_and_prints_one_line(check):
         "speed eager",
         "speed compiled",
         "speed standard loss",
+        "speed vocab 50,304",
         "memory: chunked vs standard loss",
     } <= names
     lines = [line for line in done.stdout.splitlines() if line.startswith(("PASS ", "FAIL "))]
@@ -64,9 +65,11 @@ def test_speed_rows_and_memory(check):
     report = check[2]
     assert report["device"]["type"] == "cpu" and report["device"]["matmul_gflops"] > 0
     checks = {c["name"]: c["data"] for c in report["checks"]}
-    for name in ("speed eager", "speed compiled"):
+    for name in ("speed eager", "speed compiled", "speed vocab 50,304"):
         row = checks[name]
         assert row["tokens_per_s"] > 0 and row["mfu"] > 0 and row["flops_per_token"] > 0
+    # the padded output layer is counted: 47 more rows of the tied embedding
+    assert checks["speed vocab 50,304"]["flops_per_token"] > checks["speed eager"]["flops_per_token"]
     memory = checks["memory: chunked vs standard loss"]
     assert memory["chunked_mb"] < memory["standard_mb"]  # the B × T × V logits never exist
 
