@@ -14,6 +14,22 @@ import torch
 
 from gptft.text.tokenizer import IGNORE_INDEX
 
+_CPU_BUFFER: dict[int, torch.Tensor] = {}  # vocabulary size → the one kept buffer
+
+
+def _logits_buffer(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """An fp32 (rows, vocab) buffer for one chunk's logits, every pass over them in place. On a CPU one buffer is
+    kept for the process (the largest asked for), because a fresh 100 MB tensor costs its page faults every time,
+    40 ms here (torch's CPU allocator hands such blocks back to the system at once); CUDA's caching allocator
+    already reuses its blocks."""
+    if device.type != "cpu":
+        return torch.empty(rows, vocab, dtype=torch.float32, device=device)
+    kept = _CPU_BUFFER.get(vocab)
+    if kept is None or kept.size(0) < rows:
+        _CPU_BUFFER.clear()
+        kept = _CPU_BUFFER[vocab] = torch.empty(rows, vocab, dtype=torch.float32)
+    return kept[:rows]
+
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
@@ -35,9 +51,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w = weight.to(matmul_dtype)
         plain_fp32 = matmul_dtype == hidden.dtype == weight.dtype == torch.float32
-        # One fp32 buffer serves every chunk's logits, and every pass over them works in place: on a CPU a fresh
-        # 100 MB tensor per pass costs its page faults (a third of the step when logsumexp made its own).
-        buffer = torch.empty(min(chunk, hidden.size(0)), weight.size(0), dtype=torch.float32, device=hidden.device)
+        buffer = _logits_buffer(min(chunk, hidden.size(0)), weight.size(0), hidden.device)
         for start in range(0, hidden.size(0), chunk):
             h, y = hidden[start : start + chunk].to(matmul_dtype), labels[start : start + chunk]
             scale = valid_all[start : start + chunk] / count  # each row's weight in the mean: 0 if ignored
@@ -80,9 +94,11 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     def backward(ctx: torch.autograd.function.FunctionCtx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
         grad_hidden, grad_weight = ctx.saved_tensors
         scale = grad_output.to(torch.float32)
+        # In place: these tensors exist only for this backward (a second one through the same graph is refused
+        # by autograd's version check), and on a CPU a fresh copy of the 50 MB weight gradient costs page faults.
         return (
-            None if grad_hidden is None else grad_hidden * scale.to(grad_hidden.dtype),
-            None if grad_weight is None else (grad_weight * scale).to(ctx.weight_dtype),
+            None if grad_hidden is None else grad_hidden.mul_(scale.to(grad_hidden.dtype)),
+            None if grad_weight is None else grad_weight.mul_(scale).to(ctx.weight_dtype),
             None,
             None,
             None,
