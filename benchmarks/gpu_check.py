@@ -313,9 +313,7 @@ def fit(size: Size, device: torch.device, precision: str, name: str, workdir: Pa
     compiled = options.get("compile", False)
     torch.manual_seed(0)
     arch = model_arch(size) | ({"vocab_size": options["vocab"]} if options.get("vocab") else {})
-    model = build_model(arch=arch, compile=compiled)
-    if compiled and size.compile_backend != "inductor":  # the same in-place compile, another backend
-        model.base_model.compile(backend=size.compile_backend)
+    model = build_model(arch=arch, compile=size.compile_backend if compiled else False)
     optim = {"lr": 1e-4, "weight_decay": 0.01, "fused": options.get("fused")}
     task = CausalLM(model, optim, {"name": "constant"}, loss_chunk=options.get("loss_chunk", size.loss_chunk))
     clock = StepClock(size.warmup, device)

@@ -26,6 +26,7 @@ CASES = {
     "lr not a number": (["optim.lr=fast"], "optim.lr='fast' is not a number"),
     "batch size zero": (["data.batch_size=0"], "data.batch_size=0 must be a whole number ≥ 1"),
     "window longer than context": (["data.seq_len=512"], "data.seq_len=512 is longer than the context"),
+    "unknown compile backend": (["model.compile=fastest"], "model.compile=fastest is no torch.compile backend"),
     "unknown split": (
         ["data.split=middle"],
         "data.split=middle is unknown: use one of tail, head, interleaved",
