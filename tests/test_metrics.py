@@ -1,3 +1,5 @@
+from decimal import Decimal
+
 import pytest
 import torch
 
@@ -5,6 +7,7 @@ from gptft.callbacks import Probes
 from gptft.data import BookWindows
 from gptft.errors import ConfigError
 from gptft.metrics import NgramIndex, distinct_n, share_in, top_token_ids
+from gptft.metrics.qa import exact_match, last_number, reference_number
 from gptft.models import build_model
 
 
@@ -84,3 +87,31 @@ def test_free_generation_probe_is_deterministic_and_restores_train_mode(book, ti
     other = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, repeats=2, free_prompts=4, seed=1)
     other._index_training_text(book)
     assert other.free_generation(model)[0]["distinct_1"]["values"] != first["distinct_1"]["values"]
+
+
+def test_only_gsm8k_references_compare_by_number():
+    # A reference without GSM8K's "#### N" is an open answer: a number in it is no answer key.
+    lincoln = "Lincoln was shot on April 14, 1865, at Ford's Theatre, and died the next morning."
+    assert not exact_match("I don't know, maybe 1865", lincoln)
+    assert not exact_match("16", "The 16th president of the United States was Abraham Lincoln.")
+    assert exact_match("Abraham Lincoln!", "abraham lincoln") and not exact_match("Lincoln", "abraham lincoln")
+    assert reference_number(lincoln) is None and reference_number("so 9 * 2 = 18\n#### 18") == 18
+
+
+@pytest.mark.parametrize(
+    ("text", "number"),
+    [
+        ("3-5 apples", 5),  # a hyphen between numbers is a range, not a minus sign
+        ("pages 10-12", 12),
+        ("COVID-19", 19),
+        ("1,2,3", 3),  # commas group thousands only in threes
+        ("1,234,567 people", 1234567),
+        ("12,34", 34),
+        ("it is \u22127 degrees", -7),  # a Unicode minus sign
+        ("from -3 to -4.5", Decimal("-4.5")),
+        ("costs $1,250.50.", Decimal("1250.50")),
+        ("no number", None),
+    ],
+)
+def test_last_number_reads_ranges_lists_and_signs(text, number):
+    assert last_number(text) == number
