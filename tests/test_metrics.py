@@ -1,9 +1,11 @@
+from collections import Counter
 from decimal import Decimal
 
 import pytest
 import torch
 
 from gptft.callbacks import Probes
+from gptft.callbacks.probes import spread
 from gptft.data import BookWindows
 from gptft.errors import ConfigError
 from gptft.metrics import NgramIndex, distinct_n, share_in, top_token_ids
@@ -61,7 +63,11 @@ def test_copy_rate_counts_exactly_what_a_set_of_ngram_tuples_counts(book, n):
     rows[3, 50:] = 50256  # the highest ids too
 
     def tuples(t: torch.Tensor) -> list[tuple[int, ...]]:
-        return [tuple(row[i : i + n].tolist()) for row in t.view(-1, t.size(-1)) for i in range(t.size(-1) - n + 1)]
+        return [
+            tuple(row[i : i + n].tolist())
+            for row in t.view(-1, t.size(-1))
+            for i in range(t.size(-1) - n + 1)
+        ]
 
     seen = set(tuples(train[None]))
     expected = sum(gram in seen for gram in tuples(rows)) / len(tuples(rows))
@@ -74,16 +80,29 @@ def test_style_ratio_of_real_text_is_about_half(book):
     assert 0.4 < share_in(book.test_sampler.batch(0)[0], top) < 0.7
 
 
+def test_style_set_is_the_whole_books_most_frequent_ids(book, tmp_path):
+    """The style ratio's set is the book's 100 most frequent ids (both splits), as the course defines it; the
+    copy rate still indexes the training split only (copying is of what the model trained on)."""
+    counts = Counter(book.tokens.tolist())
+    expected = sorted(counts, key=lambda i: (-counts[i], i))[:100]
+    probes = Probes(prompts=[], out_dir=str(tmp_path))
+    probes._index_training_text(book)
+    assert probes._top_ids.tolist() == expected
+    train = book.tokens[: book.train_segments[0][1]].tolist()  # data.split=tail: the book's first 90%
+    assert len(probes._ngrams.grams) == len({tuple(train[i : i + 8]) for i in range(len(train) - 7)})
+
+
 def test_free_generation_probe_is_deterministic_and_restores_train_mode(book, tiny_model_dir, tmp_path):
     model = build_model(name_or_path=str(tiny_model_dir))
     probes = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, repeats=2, free_prompts=4)
     probes._index_training_text(book)
-    first, texts = probes.free_generation(model)
-    again, _ = probes.free_generation(model)
+    first, drawn = probes.free_generation(model)
+    again, drawn_again = probes.free_generation(model)
     assert first == again and model.training
     assert set(first) == {"style_ratio", "copy_rate", "distinct_1", "distinct_2"}
     assert len(first["style_ratio"]["values"]) == 2 and first["style_ratio"]["std"] >= 0
-    assert len(texts) == 4
+    assert [(p.shape, g.shape) for p, g in drawn] == [((4, 1), (4, 20))] * 2  # every repeat's ids, kept
+    assert all(torch.equal(a, b) for a, b in zip(drawn[1], drawn_again[1], strict=True))
     other = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=20, repeats=2, free_prompts=4, seed=1)
     other._index_training_text(book)
     assert other.free_generation(model)[0]["distinct_1"]["values"] != first["distinct_1"]["values"]
@@ -94,7 +113,9 @@ def test_only_gsm8k_references_compare_by_number():
     lincoln = "Lincoln was shot on April 14, 1865, at Ford's Theatre, and died the next morning."
     assert not exact_match("I don't know, maybe 1865", lincoln)
     assert not exact_match("16", "The 16th president of the United States was Abraham Lincoln.")
-    assert exact_match("Abraham Lincoln!", "abraham lincoln") and not exact_match("Lincoln", "abraham lincoln")
+    assert exact_match("Abraham Lincoln!", "abraham lincoln") and not exact_match(
+        "Lincoln", "abraham lincoln"
+    )
     assert reference_number(lincoln) is None and reference_number("so 9 * 2 = 18\n#### 18") == 18
 
 
@@ -115,3 +136,9 @@ def test_only_gsm8k_references_compare_by_number():
 )
 def test_last_number_reads_ranges_lists_and_signs(text, number):
     assert last_number(text) == number
+
+
+def test_one_repeat_has_no_spread():
+    # One generation repeat measures no spread: None, never a 0.0 the report would print as "± 0".
+    assert spread([0.25]) == {"mean": 0.25, "std": None, "values": [0.25]}
+    assert spread([1.0, 3.0])["std"] == pytest.approx(2**0.5)

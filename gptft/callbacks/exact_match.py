@@ -84,7 +84,8 @@ def held_out_pairs(datamodule: Any, n: int) -> list[tuple[str, str]]:
 
 class ExactMatch(BeforeAfter):
     """Greedy answers to the first `questions` whole held-out pairs, scored by exact match
-    (gptft.metrics.qa: GSM8K's final number), at fit start ("before") and fit end ("after").
+    (gptft.metrics.qa: GSM8K's final number; other data's answers as normalised text), at fit start ("before") and
+    fit end ("after").
 
     Results: metrics.json `before.exact_match` / `after.exact_match`, TensorBoard `probe/exact_match` (at the
     steps the Probes use), and the answers in `<out_dir>/exact_match_<when>.jsonl`.

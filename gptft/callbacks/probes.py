@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import statistics
 from pathlib import Path
@@ -22,12 +23,20 @@ log = logging.getLogger(__name__)
 
 
 def spread(values: list[float]) -> dict[str, Any]:
-    """Mean and sample standard deviation over generation seeds (0 for a single seed)."""
+    """Mean and sample standard deviation over generation repeats; one repeat measures no spread: std None."""
     return {
         "mean": statistics.fmean(values),
-        "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+        "std": statistics.stdev(values) if len(values) > 1 else None,
         "values": values,
     }
+
+
+def _shown(m: dict[str, Any]) -> str:
+    return f"{m['mean']:.3g}" + ("" if m["std"] is None else f" ± {m['std']:.2g}")
+
+
+# One repeat of free generation: its prompts (one token each) and what the model generated after them.
+Drawn = tuple[torch.Tensor, torch.Tensor]
 
 
 class Probes(BeforeAfter):
@@ -36,14 +45,19 @@ class Probes(BeforeAfter):
     - held-out loss and perplexity on the fixed test windows;
     - samples continuing `prompts` (the same seed each time);
     - free generation, repeated `repeats` times (each its own seed): `free_prompts` prompts of one uniformly random token,
-      each continued by sampling; its style ratio (% of generated tokens among the training text's
-      `style_tokens` most frequent ids), copy rate (share of generated `copy_ngram`-grams found verbatim
-      in the training text) and distinct-1/2, as mean and spread over the repeats; plus, for every token set
-      the task names in `probe_token_sets()` (the KL study's target ids), the share of generated tokens in it.
+      each continued by sampling; its style ratio (% of generated tokens among the book's `style_tokens` most
+      frequent ids, ties to the lower id: the data's `text_token_ids()`, for question/answer data the training
+      rows), copy rate (share of generated `copy_ngram`-grams found verbatim in the training text,
+      `train_token_ids()`: a book's training split) and distinct-1/2, as mean and spread over the repeats; plus,
+      for every token set the task names in `probe_token_sets()` (the KL study's target ids), the share of
+      generated tokens in it.
 
     Prompts and sampling depend only on (seed, repeat), so before and after, and model A and B of a
     paired study, see the same prompts. Results go to TensorBoard (`val/*`, `probe/*`, samples as text),
-    `samples/<when>.txt`, and metrics.json under "before" and "after".
+    `samples/<when>.txt` (the prompts' samples and the first repeat's free text), metrics.json under "before" and
+    "after", and `samples/free_generation_<when>.json`: every repeat's prompt and generated ids, the style set's ids
+    and the task's token sets, from which every measure can be computed again. One file per moment, like the text
+    samples, so a resumed run (which measures no "before") keeps the first segment's.
     """
 
     def __init__(
@@ -81,7 +95,7 @@ class Probes(BeforeAfter):
         with trainer.precision_plugin.forward_context():
             held_out = task.loss_metrics(task.evaluate(trainer.datamodule.val_dataloader()))
             samples = self.samples(task.model)
-            measures, free_samples = self.free_generation(task.model)
+            measures, drawn = self.free_generation(task.model)
         result = {"step": trainer.global_step, **{f"val_{k}": v for k, v in held_out.items()}, **measures}
         self.results[when] = result
         if not trainer.is_global_zero:
@@ -92,17 +106,18 @@ class Probes(BeforeAfter):
         scalars |= {f"probe/{name}": m["mean"] for name, m in measures.items()}
         for logger in trainer.loggers:
             logger.log_metrics(scalars, step=step)
-        self._write_samples(when, samples + free_samples, trainer)
+        self._write_samples(when, samples + self._texts(drawn[:1]), trainer)
+        if drawn:
+            self._write_generated(when, trainer.global_step, drawn)
         held = ", ".join(f"val {k} {v:.4g}" for k, v in held_out.items())
-        summary = ", ".join(f"{name} {m['mean']:.3g} ± {m['std']:.2g}" for name, m in measures.items())
+        summary = ", ".join(f"{name} {_shown(m)}" for name, m in measures.items())
         log.info("%s training: %s; %s", when, held, summary)
         return result
 
     def _index_training_text(self, datamodule: L.LightningDataModule) -> None:
         if self._top_ids is None:
-            train_ids = datamodule.train_token_ids()
-            self._top_ids = top_token_ids(train_ids, self.style_tokens)
-            self._ngrams = NgramIndex(train_ids, self.copy_ngram)
+            self._top_ids = top_token_ids(datamodule.text_token_ids(), self.style_tokens)
+            self._ngrams = NgramIndex(datamodule.train_token_ids(), self.copy_ngram)
 
     def samples(self, model: torch.nn.Module) -> list[tuple[str, str]]:
         """(prompt, continuation) for every text prompt, with the same seed each time."""
@@ -126,13 +141,12 @@ class Probes(BeforeAfter):
             **{name: share_in(generated, ids) for name, ids in self._token_sets.items()},
         }
 
-    def free_generation(self, model: torch.nn.Module) -> tuple[dict[str, dict], list[tuple[str, str]]]:
-        """Measures over `repeats` repeats of batched free generation, and the first repeat's texts."""
+    def free_generation(self, model: torch.nn.Module) -> tuple[dict[str, dict], list[Drawn]]:
+        """Measures over `repeats` repeats of batched free generation, and each repeat's (prompts, generated)."""
         if self.repeats < 1 or self.free_prompts < 1:
             return {}, []
         per_seed: list[dict[str, float]] = []
-        texts: list[tuple[str, str]] = []
-        enc = gpt2_encoding()
+        drawn: list[Drawn] = []
         for repeat in range(self.repeats):
             g = torch.Generator().manual_seed(derive_seed(self.seed, repeat, "free-prompts"))
             prompts = torch.randint(0, VOCAB_SIZE, (self.free_prompts, 1), generator=g)
@@ -141,13 +155,30 @@ class Probes(BeforeAfter):
             # the measures are shares of a fixed number of tokens, comparable before/after and across runs.
             generated = sample_tokens(model, prompts, seed=seed, **{**self.sampling, "ban_eot": True}).cpu()
             per_seed.append(self.measure(generated))
-            if repeat == 0:
-                texts = [
-                    (enc.decode(p.tolist()), enc.decode(t.tolist()))
-                    for p, t in zip(prompts, generated, strict=True)
-                ]
+            drawn.append((prompts, generated))
         measures = {name: spread([m[name] for m in per_seed]) for name in per_seed[0]}
-        return measures, texts
+        return measures, drawn
+
+    @staticmethod
+    def _texts(drawn: list[Drawn]) -> list[tuple[str, str]]:
+        """(prompt, continuation) texts of the given repeats' rows."""
+        enc = gpt2_encoding()
+        return [
+            (enc.decode(p.tolist()), enc.decode(t.tolist()))
+            for prompts, generated in drawn
+            for p, t in zip(prompts, generated, strict=True)
+        ]
+
+    def _write_generated(self, when: str, step: int, drawn: list[Drawn]) -> None:
+        # Compact JSON: 3 repeats × 10 × 100 ids would take 6,000 lines indented.
+        record = {
+            "step": step,
+            "style_ids": self._top_ids.tolist(),
+            "copy_ngram": self.copy_ngram,
+            "token_sets": {name: ids.tolist() for name, ids in self._token_sets.items()},
+            "repeats": [{"prompt_ids": p.tolist(), "generated_ids": g.tolist()} for p, g in drawn],
+        }
+        atomic_write_text(self.out_dir / f"free_generation_{when}.json", json.dumps(record) + "\n")
 
     def _write_samples(self, when: str, samples: list[tuple[str, str]], trainer: L.Trainer) -> None:
         text = "\n\n".join(f"=== {prompt!r}\n{prompt}{continuation}" for prompt, continuation in samples)

@@ -287,6 +287,10 @@ class BookWindows(TrainData):
         """All token ids of the training part (for probes that compare generated text with it)."""
         return torch.cat([self.tokens[s:e] for s, e in self.train_segments])
 
+    def text_token_ids(self) -> torch.Tensor:
+        """All token ids of the book, both splits: the course counts the style ratio's set over the book."""
+        return self.tokens
+
     def train_dataloader(self) -> DataLoader:
         return step_loader(self.trainer, self.train_sampler, self.hparams.seed, self.hparams.pin_memory)
 
