@@ -139,7 +139,7 @@ def test_paired_differences_seed_by_seed(sweep):
     r = pair["measures"]["saving_r_fit"]
     fit = {k: m["time"]["fit_s"] for k, m in raw.items()}
     expected = [100 * (fit[("none", s)] - fit[("upper_qkv", s)]) / fit[("none", s)] for s in (1, 2, 3)]
-    assert r["differences"] == pytest.approx(expected) and r["sentence"].startswith("r: ")
+    assert r["differences"] == pytest.approx(expected) and r["sentence"].startswith("r of the fit: ")
     text = (sweep / "report/summary.md").read_text()
     assert "### B = freeze=upper_qkv against A = freeze=none" in text and train["sentence"] in text
     # the HParams tab: an entry per run, per group and per comparison, with the same numbers

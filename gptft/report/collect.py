@@ -19,6 +19,9 @@ class Run:
     metrics: dict[str, Any] = field(default_factory=dict)
     overrides: dict[str, str] = field(default_factory=dict)
     label: str = ""
+    # Read once: the figures of a report each draw it. Kept on the run, not in a dict by label: a crashed
+    # attempt and the completed run of one seed (two sweep folders) share a label, not a curve.
+    _curve: tuple[list[int], list[float]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -35,6 +38,11 @@ class Run:
 
     def loss_curve(self) -> tuple[list[int], list[float]]:
         """(steps, train/loss) from the run's TensorBoard events; empty if it logged none."""
+        if self._curve is None:
+            self._curve = self._read_loss_curve()
+        return self._curve
+
+    def _read_loss_curve(self) -> tuple[list[int], list[float]]:
         events = self.path / "tensorboard"
         if not events.is_dir():
             return [], []
@@ -57,6 +65,15 @@ class Run:
         header, *rows = [line.split(",") for line in file.read_text().splitlines() if line]
         steps = [int(r[0]) for r in rows]
         return steps, {name: [float(r[i + 1]) for r in rows] for i, name in enumerate(header[1:])}
+
+
+def repeat_std(measure: dict[str, Any]) -> float | None:
+    """A probe's std over its generation repeats; None where one repeat measured no spread (`std` null, or the
+    0.0 that runs before the null wrote for a single value)."""
+    values = measure.get("values")
+    if measure.get("std") is None or (isinstance(values, list) and len(values) < 2):
+        return None
+    return measure["std"]
 
 
 def _read_overrides(path: Path) -> dict[str, str]:

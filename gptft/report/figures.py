@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.axes import Axes  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from gptft.report.collect import Run, is_paired  # noqa: E402
+from gptft.report.collect import Run, is_paired, repeat_std  # noqa: E402
 from gptft.report.replicates import Group  # noqa: E402
 from gptft.report.stats import spread  # noqa: E402
 
@@ -23,14 +23,14 @@ def curve_style(i: int) -> dict:
     return dict(marker=MARKERS[i % len(MARKERS)], markevery=7, markersize=5, lw=1.2)
 
 
-def loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
+def loss_figure(runs: list[Run]) -> Figure | None:
     """All runs' train loss on one axis; a marker on every 7th point, one marker shape per run."""
-    drawn = [(i, r) for i, r in enumerate(runs) if curves.get(r.label, ([], []))[0]]
+    drawn = [(i, r) for i, r in enumerate(runs) if r.loss_curve()[0]]
     if not drawn:
         return None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, run in drawn:
-        steps, losses = curves[run.label]
+        steps, losses = run.loss_curve()
         ax.plot(
             steps,
             losses,
@@ -45,20 +45,22 @@ def loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]
 
 
 def before_after_figure(runs: list[Run], measure: str, ylabel: str) -> Figure | None:
-    """Grouped bars, before and after training, per run; error bars are the std over generation seeds."""
+    """Grouped bars, before and after training, per run; error bars are the std over generation seeds (none
+    where one seed measured no spread)."""
     shown = [r for r in runs if r.measure("before", measure) or r.measure("after", measure)]
     if not shown:
         return None
     fig, ax = plt.subplots(figsize=(max(5, 1.6 * len(shown) + 2), 4.5))
     width = 0.38
     for offset, when, color in ((-width / 2, "before", "#9aa5b1"), (width / 2, "after", "#1f77b4")):
-        values = [r.measure(when, measure) or {"mean": float("nan"), "std": 0.0} for r in shown]
+        values = [r.measure(when, measure) or {"mean": float("nan"), "std": None} for r in shown]
         xs = [i + offset for i in range(len(shown))]
+        stds = [repeat_std(v) for v in values]
         ax.bar(
             xs,
             [v["mean"] for v in values],
             width,
-            yerr=[v["std"] for v in values],
+            yerr=[float("nan") if std is None else std for std in stds],  # NaN: no error bar drawn
             capsize=4,
             color=color,
             label=when,
@@ -83,14 +85,11 @@ def png_bytes(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def paired_loss_figure(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
+def paired_loss_figure(runs: list[Run]) -> Figure | None:
     """Loss of run B against run A at the same steps, with y = x: points below the line are steps B did better."""
     if not is_paired(runs):
         return None
-    (steps_a, loss_a), (steps_b, loss_b) = (
-        curves.get(runs[0].label, ([], [])),
-        curves.get(runs[1].label, ([], [])),
-    )
+    (steps_a, loss_a), (steps_b, loss_b) = runs[0].loss_curve(), runs[1].loss_curve()
     at_b = dict(zip(steps_b, loss_b, strict=True))
     pairs = [(a, at_b[s]) for s, a in zip(steps_a, loss_a, strict=True) if s in at_b]
     if not pairs:
@@ -153,12 +152,13 @@ def length_histogram_figure(counts: dict[str, list[int]], title: str = "Token le
     return fig
 
 
-def group_loss_figure(groups: list[Group], curves: dict[str, tuple[list[int], list[float]]]) -> Figure | None:
-    """Each group's train loss: the mean over its training seeds, and a band from their min to their max."""
+def group_loss_figure(groups: list[Group]) -> Figure | None:
+    """Each group's train loss: the mean over the runs in its statistics (`Group.used`: one completed run per
+    seed), and a band from their min to their max."""
     fig, ax = plt.subplots(figsize=(8, 4.5))
     drawn = False
     for i, group in enumerate(groups):
-        runs = [curves.get(r.label, ([], [])) for r in group.used.values()]
+        runs = [r.loss_curve() for r in group.used.values()]
         runs = [dict(zip(steps, losses, strict=True)) for steps, losses in runs if steps]
         steps = sorted(set.intersection(*(set(c) for c in runs))) if runs else []
         if not steps:
@@ -220,15 +220,13 @@ def group_before_after_figure(groups: list[Group], measure: str, ylabel: str) ->
     return _finish_bars(fig, ax, labels, ylabel, title, fontsize=9)
 
 
-def paired_seeds_loss_figure(
-    a: Group, b: Group, curves: dict[str, tuple[list[int], list[float]]]
-) -> Figure | None:
+def paired_seeds_loss_figure(a: Group, b: Group) -> Figure | None:
     """Loss of B against A at the same steps, one marker shape per training seed, with y = x."""
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     everything = []
     for i, seed in enumerate(sorted(set(a.used) & set(b.used))):
-        steps_a, loss_a = curves.get(a.used[seed].label, ([], []))
-        at_b = dict(zip(*curves.get(b.used[seed].label, ([], [])), strict=True))
+        steps_a, loss_a = a.used[seed].loss_curve()
+        at_b = dict(zip(*b.used[seed].loss_curve(), strict=True))
         pairs = [(x, at_b[s]) for s, x in zip(steps_a, loss_a, strict=True) if s in at_b]
         if pairs:
             xs, ys = zip(*pairs, strict=True)

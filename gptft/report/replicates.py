@@ -12,7 +12,7 @@ from typing import Any
 
 from gptft.errors import ConfigError
 from gptft.report.collect import Run
-from gptft.report.stats import LEVEL, Spread, sign_flip_p, smallest_p, spread
+from gptft.report.stats import EXACT_UP_TO, LEVEL, Spread, p_method, sign_flip_p, smallest_p, spread
 
 # Measure names in the report, in its order; a measure not named here keeps its metrics.json key.
 NAMES = {
@@ -28,9 +28,17 @@ NAMES = {
     "ref_loss": "reference loss",
     "ref_ppl": "reference perplexity",
     "ref_kl": "KL to the starting model",
+    "time.train_s": "training-step time (s)",
     "time.fit_s": "fit time (s)",
     "time.median_step_s": "median step time (s)",
-    "saving_r_fit": "time saving r = (T_A − T_B) / T_A of the fit (%)",
+    "saving_r_train": "time saving r = (T_A − T_B) / T_A of the training steps (%)",
+    "saving_r_fit": "time saving r = (T_A − T_B) / T_A of the fit, before/after probes included (%)",
+}
+# The freezing pair's savings r: each from one time of metrics.json, and how its sentence names it. The
+# training steps are what the write-up times; the fit adds the before/after probes, about equal for A and B.
+SAVINGS = {
+    "saving_r_train": ("time.train_s", "r of the training steps"),
+    "saving_r_fit": ("time.fit_s", "r of the fit"),
 }
 UNITS = {"style_ratio": "points of style ratio"}
 _ORDER = list(NAMES)
@@ -64,7 +72,7 @@ def _number(value: Any) -> float | None:
 
 def run_measures(run: Run) -> dict[str, float]:
     """Every scalar measure of one run: final train loss, each before/after measure after training and its
-    change from before, the fit and median step time."""
+    change from before, the time of the training steps, of the fit, and the median step."""
     m = run.metrics
     before, after = m.get("before", {}), m.get("after", {})
     out: dict[str, float] = {}
@@ -76,12 +84,41 @@ def run_measures(run: Run) -> dict[str, float]:
         b, a = _number(before.get(key)), _number(value)
         if a is not None and b is not None:
             found[f"change.{key}"] = a - b
-    found |= {f"time.{k}": m.get("time", {}).get(k) for k in ("fit_s", "median_step_s")}
+    found |= {f"time.{k}": m.get("time", {}).get(k) for k in ("train_s", "fit_s", "median_step_s")}
     for name, value in found.items():
         number = _number(value)
         if number is not None:
             out[name] = number
     return dict(sorted(out.items(), key=lambda item: _order(item[0])))
+
+
+def _why_not(value: Any) -> str | None:
+    """Why a recorded value is no number the statistics can use (None: it is one)."""
+    if isinstance(value, dict):
+        value = value.get("mean")
+    if value is None:
+        return "missing"
+    if _number(value) is not None:
+        return None
+    return "NaN" if isinstance(value, float) and math.isnan(value) else "not a finite number"
+
+
+def why_missing(run: Run, measure: str) -> str:
+    """Why `run` has no value of `measure`: "NaN", "missing" (not recorded), ...; for a change, which side."""
+    when, _, key = measure.partition(".")
+    if when == "change":
+        for side in ("after", "before"):
+            why = _why_not(run.metrics.get(side, {}).get(key))
+            if why:
+                return f"{why} {side} training"
+        return "missing"
+    section = run.metrics.get(when)
+    return _why_not(section.get(key) if isinstance(section, dict) else None) or "missing"
+
+
+def left_out_json(left_out: dict[int, str]) -> list[dict[str, Any]]:
+    """{seed: why} as summary.json lists it (JSON keys are strings; a list keeps seeds numbers)."""
+    return [{"seed": s, "why": why} for s, why in sorted(left_out.items())]
 
 
 def seed_of(run: Run) -> int | None:
@@ -124,6 +161,11 @@ class Group:
         pairs = [(s, run_measures(self.used[s]).get(measure)) for s in self.seeds]
         pairs = [(s, v) for s, v in pairs if v is not None]
         return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def left_out(self, measure: str) -> dict[int, str]:
+        """{seed: why} of the group's completed runs that have no usable value of `measure`."""
+        have = set(self.values(measure)[0])
+        return {s: why_missing(self.used[s], measure) for s in self.seeds if s not in have}
 
     def measures(self) -> list[str]:
         names = {name for run in self.used.values() for name in run_measures(run)}
@@ -188,6 +230,7 @@ class Test:
     differences: list[float]
     spread: Spread
     p: float | None  # None with fewer than 2 pairs: one difference has no test
+    left_out: dict[int, str] = field(default_factory=dict)  # paired seeds without this measure: why
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -195,7 +238,9 @@ class Test:
             "seeds": self.seeds,
             "differences": self.differences,
             **self.spread.as_dict(),
+            "left_out": left_out_json(self.left_out),
             "p_sign_flip": self.p,
+            "p_method": None if self.p is None else p_method(len(self.seeds)),
             "smallest_possible_p": smallest_p(len(self.seeds)) if self.seeds else None,
             "sentence": sentence(self),
         }
@@ -207,7 +252,15 @@ class Comparison:
     b: Group
     tests: list[Test]
     unpaired: dict[str, list[int]]  # seeds that only one side completed
-    same_batches: bool | None  # each seed's two runs have one data fingerprint (None: not recorded)
+    other_batches: list[int]  # paired seeds whose two runs have different data fingerprints
+    no_fingerprint: dict[int, list[str]]  # paired seeds where a side recorded none: which ("A", "B")
+
+    @property
+    def same_batches(self) -> bool | None:
+        """Every pair trained on the same batches (False: some did not; None: none differs, some unchecked)."""
+        if self.other_batches:
+            return False
+        return None if self.no_fingerprint or not self.tests else True
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -217,22 +270,24 @@ class Comparison:
             "paired_seeds": sorted({s for t in self.tests for s in t.seeds}),
             "unpaired_seeds": self.unpaired,
             "same_batches": self.same_batches,
+            "seeds_with_different_batches": self.other_batches,
+            "seeds_without_fingerprint": sorted(self.no_fingerprint),
             "measures": {t.measure: t.as_dict() for t in self.tests},
         }
 
 
 def compare(a: Group, b: Group) -> Comparison:
-    """B − A seed by seed for every measure both have; the fit-time saving r when they differ only in freeze."""
+    """B − A seed by seed for every measure both have; the time savings r when they differ only in freeze."""
     paired = sorted(set(a.used) & set(b.used))
     per_seed = {s: (run_measures(a.used[s]), run_measures(b.used[s])) for s in paired}
     measures = [m for m in b.measures() if m in set(a.measures())]
     if differ_only_in_freeze(a, b):
         for ma, mb in per_seed.values():
-            if ma.get("time.fit_s") and "time.fit_s" in mb:
-                # r compares B with A already: A's 0 makes the "difference" below r itself, seed by seed
-                ma["saving_r_fit"] = 0.0
-                mb["saving_r_fit"] = 100 * (ma["time.fit_s"] - mb["time.fit_s"]) / ma["time.fit_s"]
-        measures.append("saving_r_fit")
+            for r, (time, _) in SAVINGS.items():
+                if ma.get(time) and time in mb:
+                    # r compares B with A already: A's 0 makes the "difference" below r itself, seed by seed
+                    ma[r], mb[r] = 0.0, 100 * (ma[time] - mb[time]) / ma[time]
+        measures += list(SAVINGS)
     tests = []
     for measure in measures:
         pairs = [
@@ -242,15 +297,36 @@ def compare(a: Group, b: Group) -> Comparison:
         ]
         if pairs:
             seeds, diffs = [s for s, _ in pairs], [d for _, d in pairs]
-            tests.append(
-                Test(measure, seeds, diffs, spread(diffs), sign_flip_p(diffs) if len(diffs) > 1 else None)
-            )
-    prints = [
-        (a.used[s].metrics.get("data_fingerprint"), b.used[s].metrics.get("data_fingerprint")) for s in paired
-    ]
-    same = None if not prints or any(None in p for p in prints) else all(x == y for x, y in prints)
+            p = sign_flip_p(diffs) if len(diffs) > 1 else None
+            left_out = _left_out_of_pairs(a, b, [s for s in paired if s not in seeds], measure)
+            tests.append(Test(measure, seeds, diffs, spread(diffs), p, left_out))
+    checks = {s: batches_check(a.used[s], b.used[s]) for s in paired}
+    other = [s for s, (same, _) in checks.items() if same is False]
+    lacking = {s: sides for s, (same, sides) in checks.items() if same is None}
     unpaired = {a.label: sorted(set(a.used) - set(b.used)), b.label: sorted(set(b.used) - set(a.used))}
-    return Comparison(a, b, tests, unpaired, same)
+    return Comparison(a, b, tests, unpaired, other, lacking)
+
+
+def batches_check(a: Run, b: Run) -> tuple[bool | None, list[str]]:
+    """Whether runs A and B trained on the same batches (equal data fingerprints); None when a side recorded
+    no fingerprint, with the sides that did not."""
+    prints = {"A": a.metrics.get("data_fingerprint"), "B": b.metrics.get("data_fingerprint")}
+    lacking = [side for side, x in prints.items() if not x]
+    return (None if lacking else prints["A"] == prints["B"]), lacking
+
+
+def _left_out_of_pairs(a: Group, b: Group, seeds: list[int], measure: str) -> dict[int, str]:
+    """{seed: why} for paired seeds without a difference of `measure`: which side lacks it, and why."""
+    base = SAVINGS[measure][0] if measure in SAVINGS else measure
+    out = {}
+    for s in seeds:
+        sides = [
+            f"{why_missing(g.used[s], base)} in {side}"
+            for side, g in (("A", a), ("B", b))
+            if base not in run_measures(g.used[s])
+        ]
+        out[s] = "; ".join(sides) or f"{base} is 0 in A"  # r divides by A's time
+    return out
 
 
 def differ_only_in_freeze(a: Group, b: Group) -> bool:
@@ -303,7 +379,7 @@ def _unit(measure: str) -> str:
     when, _, key = measure.partition(".")
     base = key if when in ("after", "change") else measure
     name = UNITS.get(base) or "in " + re.sub(r" \((%|s)\)$", "", NAMES.get(base, base))
-    if base == "time.fit_s" or base == "time.median_step_s":
+    if base.startswith("time."):
         name = "s of " + name[3:]
     return f"{name} change (after − before)" if when == "change" else name
 
@@ -312,17 +388,25 @@ def sentence(test: Test) -> str:
     """One line a reader can quote: the mean difference, its interval, the test, and what it allows to say."""
     n, s = len(test.seeds), test.spread
     # r is already a comparison of B with A: its sentence gives r itself
-    lhs, what = ("r", "%") if test.measure == "saving_r_fit" else ("B − A", _unit(test.measure))
+    lhs, what = (SAVINGS[test.measure][1], "%") if test.measure in SAVINGS else ("B − A", _unit(test.measure))
     if n == 1:
         return f"{lhs}: {_fmt(s.mean)} {what} on seed {test.seeds[0]} (one seed: no interval, no test)"
     if s.std == 0:
         return f"{lhs}: {_fmt(s.mean)} {what} on each of {n} seeds (no spread: identical differences)"
     level = round(100 * LEVEL)
-    numbers = f"{lhs}: {_fmt(s.mean)} ± {s.half_width:.2g} {what} ({level}% CI, {n} seeds, p = {test.p:.3g})"
+    floor = smallest_p(n)
+    # beyond EXACT_UP_TO seeds p is a Monte Carlo estimate: the sentence says so, and its floor
+    how = (
+        ""
+        if n <= EXACT_UP_TO
+        else f"; Monte Carlo over 2^16 random sign patterns, smallest p 1/(2^16 + 1) = {floor:.2g}"
+    )
+    numbers = (
+        f"{lhs}: {_fmt(s.mean)} ± {s.half_width:.2g} {what} ({level}% CI, {n} seeds, p = {test.p:.3g}{how})"
+    )
     excludes_zero = s.low > 0 or s.high < 0
     if test.p is not None and test.p < 1 - LEVEL and excludes_zero:
         return numbers
-    floor = smallest_p(n)
     if floor >= 1 - LEVEL:  # n ≤ 5: no outcome of the exact test can reach 0.05
         limit = f"{n} seeds cannot give p < 0.05 (smallest p 2/2^{n} = {floor:.3g})"
         if excludes_zero:

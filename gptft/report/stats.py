@@ -1,4 +1,5 @@
-"""Statistics over training seeds: mean, spread, a Student-t interval, and an exact paired sign-flip test.
+"""Statistics over training seeds: mean, spread, a Student-t interval, and a paired sign-flip test (exact up to
+16 seeds, a seeded Monte Carlo beyond).
 
 scipy is not a dependency and torch's StudentT has no `icdf` (NotImplementedError in torch 2.13) nor does
 torch.special have the incomplete beta function, so the t quantile comes from the t distribution's closed-form
@@ -14,9 +15,9 @@ from dataclasses import dataclass
 import numpy as np
 
 LEVEL = 0.95  # every interval in the report is a 95% interval
-EXACT_UP_TO = (
-    16  # seeds: all 2^n sign patterns are enumerated; beyond, 2^16 random ones (a seeded Monte Carlo)
-)
+# Up to EXACT_UP_TO seeds all 2^n sign patterns are enumerated; beyond, DRAWS random ones (a seeded Monte Carlo)
+EXACT_UP_TO = 16
+DRAWS = 2**16  # the report's texts say "2^16"
 
 
 def t_cdf(t: float, df: int) -> float:
@@ -91,8 +92,18 @@ def spread(values: list[float], level: float = LEVEL) -> Spread:
 
 
 def smallest_p(n: int) -> float:
-    """The smallest two-sided p the exact sign-flip test can give with n pairs: 2 / 2^n."""
-    return 2.0 / 2**n
+    """The smallest two-sided p the sign-flip test can give with n pairs: 2 / 2^n when exact (the observed
+    pattern and its negation always count); beyond EXACT_UP_TO, 1 / (DRAWS + 1), the Monte Carlo's floor."""
+    return 2.0 / 2**n if n <= EXACT_UP_TO else 1.0 / (DRAWS + 1)
+
+
+def p_method(n: int) -> str:
+    """How `sign_flip_p` computes p for n pairs, in words."""
+    if n <= EXACT_UP_TO:
+        return "exact: all 2^n sign patterns"
+    return (
+        "Monte Carlo: 2^16 random sign patterns (seeded), the observed one counted; smallest p 1/(2^16 + 1)"
+    )
 
 
 def sign_flip_p(differences: list[float]) -> float:
@@ -110,7 +121,6 @@ def sign_flip_p(differences: list[float]) -> float:
         bits = (np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1  # row k: the binary digits of k
         signs = 1.0 - 2.0 * bits
         return float(np.mean(np.abs(signs @ d) / d.size >= observed - tolerance))
-    draws = 2**16
-    signs = np.random.default_rng(0).choice((1.0, -1.0), size=(draws, d.size))
+    signs = np.random.default_rng(0).choice((1.0, -1.0), size=(DRAWS, d.size))
     hits = np.sum(np.abs(signs @ d) / d.size >= observed - tolerance)
-    return float((hits + 1) / (draws + 1))
+    return float((hits + 1) / (DRAWS + 1))

@@ -4,9 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from gptft.report.collect import Run, is_paired
-from gptft.report.replicates import Comparison, Group, all_measures, measure_name, sentence
-from gptft.report.stats import Spread, spread
+from gptft.report.collect import Run, is_paired, repeat_std
+from gptft.report.replicates import (
+    Comparison,
+    Group,
+    all_measures,
+    batches_check,
+    measure_name,
+    sentence,
+)
+from gptft.report.stats import DRAWS, EXACT_UP_TO, Spread, spread
 
 
 def _num(value: Any, digits: int = 3) -> str:
@@ -18,7 +25,11 @@ def _count(value: int | None) -> str:
 
 
 def _spread(m: dict[str, Any] | None, digits: int = 3) -> str:
-    return "–" if not m else f"{m['mean']:.{digits}g} ± {m['std']:.2g}"
+    """A probe's mean ± std over its generation repeats; the mean alone where one repeat measured no spread."""
+    if not m:
+        return "–"
+    std = repeat_std(m)
+    return f"{m['mean']:.{digits}g}" + ("" if std is None else f" ± {std:.2g}")
 
 
 def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
@@ -62,17 +73,26 @@ def paired_section(runs: list[Run]) -> list[str]:
         return []
     a, b = (r.metrics.get("time", {}) for r in runs)
     lines = ["## A and B", "", f"A = {runs[0].label}, B = {runs[1].label}.", ""]
-    for key, what in (("fit_s", "wall time of the fit"), ("median_step_s", "median step time")):
+    for key, what in (
+        ("train_s", "time of the training steps"),
+        ("fit_s", "wall time of the fit (before/after probes included)"),
+        ("median_step_s", "median step time"),
+    ):
         if a.get(key) and b.get(key):
             r = (a[key] - b[key]) / a[key]
             lines.append(
                 f"- {what}: T_A = {a[key]:.4g} s, T_B = {b[key]:.4g} s, saving r = (T_A − T_B) / T_A = {100 * r:.1f}%"
             )
-    fingerprints = {r.metrics.get("data_fingerprint") for r in runs}
-    if None not in fingerprints:
-        same = "the same batches" if len(fingerprints) == 1 else "DIFFERENT batches"
-        lines.append(f"- A and B trained on {same} (data fingerprint)")
+    lines.append(f"- {_batches(*batches_check(*runs))}")
     return [*lines, ""]
+
+
+def _batches(same: bool | None, lacking: list[str]) -> str:
+    """What the data fingerprints say about A's and B's batches, in words."""
+    if same is None:
+        whose = " and ".join(f"{side}'s" for side in lacking)
+        return f"no data fingerprint in {whose} metrics.json: same batches not checked"
+    return f"A and B trained on {'the same' if same else 'DIFFERENT'} batches (data fingerprint)"
 
 
 def samples_section(runs: list[Run], limit: int = 400) -> list[str]:
@@ -153,12 +173,15 @@ def problems(runs: list[Run]) -> list[str]:
     return notes
 
 
-def _cell(s: Spread | None) -> str:
+def _cell(s: Spread | None, left_out: dict[int, str] | None = None) -> str:
+    """mean ± std [95% interval]; where seeds of the group have no value, the cell's own n and who and why."""
+    left = ", ".join(f"seed {seed} ({why})" for seed, why in sorted((left_out or {}).items()))
     if s is None:
-        return "–"
+        return f"– (left out: {left})" if left else "–"
     if s.n == 1:
-        return f"{s.mean:.4g} (n = 1: no interval)"
-    return f"{s.mean:.4g} ± {s.std:.2g} [{s.low:.4g}, {s.high:.4g}]"
+        return f"{s.mean:.4g} (n = 1: no interval)" + (f"; left out: {left}" if left else "")
+    text = f"{s.mean:.4g} ± {s.std:.2g} [{s.low:.4g}, {s.high:.4g}]"
+    return text + (f"; n = {s.n}, left out: {left}" if left else "")
 
 
 def replicates_section(groups: list[Group]) -> list[str]:
@@ -168,14 +191,21 @@ def replicates_section(groups: list[Group]) -> list[str]:
         row = {"measure": measure_name(measure)}
         for group in groups:
             _, values = group.values(measure)
-            row[f"{group.label} (n = {len(group.used)})"] = _cell(spread(values) if values else None)
+            left_out = group.left_out(measure)
+            if not values and all(why == "missing" for why in left_out.values()):
+                left_out = {}  # a measure this group never took (e.g. the target ratio outside the KL study)
+            row[f"{group.label} (n = {len(group.used)})"] = _cell(
+                spread(values) if values else None, left_out
+            )
         rows.append(row)
     lines = [
         "## Replicates: mean over training seeds",
         "",
         "Runs that differ only in `seed` form a group. Each cell: mean ± standard deviation over the group's "
         "training seeds [95% Student-t interval of the mean]; a probe's value per run is its mean over the "
-        "`eval.repeats` generation seeds. A group of one run shows its value and no interval.",
+        "`eval.repeats` generation seeds. A group of one run shows its value and no interval. A seed without a "
+        "finite value of a measure (or without it recorded) is left out of that cell, which then says its own "
+        "n, the seed and why.",
         "",
     ]
     if rows:
@@ -195,9 +225,11 @@ def comparisons_section(comparisons: list[Comparison]) -> list[str]:
         "",
         "Runs with the same seed are paired: the same batches and, for a model built from a config, the same "
         "initial weights. Mean of the per-seed differences ± the half-width of its 95% Student-t interval; p: "
-        "two-sided, exact sign-flip permutation test over the seeds (all 2^n sign patterns of the n "
-        "differences), whose smallest possible value is 2/2^n (0.25 with 3 seeds, 0.0625 with 5, 0.031 "
-        "with 6): fewer than 6 seeds can never reach p < 0.05.",
+        f"two-sided sign-flip permutation test over the seeds, exact up to {EXACT_UP_TO} seeds (all 2^n sign "
+        "patterns of the n differences), whose smallest possible value is 2/2^n (0.25 with 3 seeds, 0.0625 "
+        f"with 5, 0.031 with 6): fewer than 6 seeds can never reach p < 0.05. Beyond {EXACT_UP_TO} seeds p is a "
+        f"Monte Carlo estimate over 2^16 random sign patterns (seeded), whose smallest possible value is "
+        f"1/(2^16 + 1) = {1 / (DRAWS + 1):.2g}.",
         "",
     ]
     for c in comparisons:
@@ -209,15 +241,16 @@ def comparisons_section(comparisons: list[Comparison]) -> list[str]:
                 lines.append(
                     f"- only {label} completed seed{'s' if len(seeds) > 1 else ''} {seeds}: left out"
                 )
-        if c.same_batches is not None:
-            lines.append(
-                f"- each pair trained on {'the same' if c.same_batches else 'DIFFERENT'} batches (data fingerprint)"
-            )
+        if c.same_batches:
+            lines.append("- each pair trained on the same batches (data fingerprint)")
+        lines += [f"- seed {s}: {_batches(False, [])}" for s in c.other_batches]
+        lines += [f"- seed {s}: {_batches(None, sides)}" for s, sides in sorted(c.no_fingerprint.items())]
         rows = [
             {
                 "measure": measure_name(t.measure),
                 "B − A per seed": ", ".join(
-                    f"{s}: {d:+.3g}" for s, d in zip(t.seeds, t.differences, strict=True)
+                    [f"{s}: {d:+.3g}" for s, d in zip(t.seeds, t.differences, strict=True)]
+                    + [f"{s}: left out ({why})" for s, why in sorted(t.left_out.items())]
                 ),
                 "mean [95% CI]": _cell(t.spread)
                 if t.spread.n == 1

@@ -28,11 +28,12 @@ from gptft.report.replicates import (
     differ_only_in_freeze,
     group_runs,
     is_replicated,
+    left_out_json,
     measure_name,
     run_measures,
     seed_of,
 )
-from gptft.report.stats import spread
+from gptft.report.stats import EXACT_UP_TO, spread
 from gptft.report.summary import (
     comparisons_section,
     lengths_section,
@@ -71,9 +72,10 @@ def write_report(folder: str | Path, compare: list[str] | None = None) -> str:
     pairs = comparisons(groups, compare)  # before any figure: a bad --compare stops with one line
     replicated = is_replicated(groups) or bool(compare)
     out = folder / "report"
-    curves = {run.label: run.loss_curve() for run in runs}
-    figures = _figures(runs, groups, curves) if replicated else _run_figures(runs, curves)
-    figures["learn_forget"] = learn_forget_figure(groups)  # one point per method (group), error bars over seeds
+    figures = _figures(runs, groups) if replicated else _run_figures(runs)
+    figures["learn_forget"] = learn_forget_figure(
+        groups
+    )  # one point per method (group), error bars over seeds
     missing = [name for name in ("loss", "style_ratio") if figures.get(name) is None]
     figures = {name: fig for name, fig in figures.items() if fig is not None}
     text = _summary_text(folder, runs, missing, groups, pairs if replicated else [])
@@ -92,30 +94,29 @@ def write_report(folder: str | Path, compare: list[str] | None = None) -> str:
     return text
 
 
-def _run_figures(runs: list[Run], curves: dict[str, tuple[list[int], list[float]]]) -> dict[str, Any]:
+def _run_figures(runs: list[Run]) -> dict[str, Any]:
     """One run, or runs without replicates: a curve and a pair of bars per run."""
     return {
-        "loss": loss_figure(runs, curves),
+        "loss": loss_figure(runs),
         "style_ratio": before_after_figure(runs, "style_ratio", "style ratio (%)"),
         # Figures that only some studies have data for: drawn when a run has them.
         "target_ratio": before_after_figure(runs, "target_ratio", "target ratio (share of target tokens)"),
-        "loss_b_vs_a": paired_loss_figure(runs, curves),
+        "loss_b_vs_a": paired_loss_figure(runs),
         "weight_delta": weight_delta_figure(runs),
     }
 
 
-def _figures(
-    runs: list[Run], groups: list[Group], curves: dict[str, tuple[list[int], list[float]]]
-) -> dict[str, Any]:
-    """Replicates: one mean curve with a band, and one pair of bars with an interval, per group."""
+def _figures(runs: list[Run], groups: list[Group]) -> dict[str, Any]:
+    """Replicates: one mean curve with a band, and one pair of bars with an interval, per group (of the runs in
+    its statistics only)."""
     freeze_pair = len(groups) == 2 and differ_only_in_freeze(groups[0], groups[1])
     return {
-        "loss": group_loss_figure(groups, curves),
+        "loss": group_loss_figure(groups),
         "style_ratio": group_before_after_figure(groups, "style_ratio", "style ratio (%)"),
         "target_ratio": group_before_after_figure(
             groups, "target_ratio", "target ratio (share of target tokens)"
         ),
-        "loss_b_vs_a": paired_seeds_loss_figure(groups[0], groups[1], curves) if freeze_pair else None,
+        "loss_b_vs_a": paired_seeds_loss_figure(groups[0], groups[1]) if freeze_pair else None,
         "weight_delta": weight_delta_figure(runs),
     }
 
@@ -173,7 +174,9 @@ def summary_json(
         "folder": str(folder),
         "grouping": "runs whose overrides differ only in `seed` form a group",
         "interval": "95% Student-t interval of the mean over training seeds (null for a group of one run)",
-        "test": "two-sided exact sign-flip permutation test of the per-seed differences b - a",
+        "test": f"two-sided sign-flip permutation test of the per-seed differences b - a: exact (all 2^n sign "
+        f"patterns) up to {EXACT_UP_TO} seeds, Monte Carlo (2^16 random patterns, seeded) beyond; each "
+        "comparison's p_method and smallest_possible_p say which",
         "runs": [
             {
                 "label": run.label,
@@ -198,6 +201,7 @@ def _group_json(group: Group) -> dict[str, Any]:
         seeds, values = group.values(measure)
         measures[measure] = {"name": measure_name(measure), "seeds": seeds, "values": values}
         measures[measure] |= spread(values).as_dict()
+        measures[measure]["left_out"] = left_out_json(group.left_out(measure))  # n counts the others
     return {
         "label": group.label,
         "overrides": group.overrides,
