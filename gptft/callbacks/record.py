@@ -101,12 +101,14 @@ class RunRecord(L.Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._t_fit = time.perf_counter()
         self._last_step = trainer.global_step
+        from gptft.tasks.freezing import trained_numel  # freeze.qkv_parts trains only part of some tensors
+
         params = list(pl_module.parameters())
         self.data.update(
             status="running",
             params={
                 "total": sum(p.numel() for p in params),
-                "trainable": sum(p.numel() for p in params if p.requires_grad),
+                "trainable": sum(trained_numel(p) for p in params),
             },
             device=str(trainer.strategy.root_device),
             precision=str(trainer.precision),

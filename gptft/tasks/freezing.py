@@ -7,6 +7,8 @@ of `layers` ("all", "upper_half", "lower_half", or a list of indices). They work
 GPT-2 fuses q, k and v into one `c_attn` matrix (columns q | k | v). `qkv_parts: [k]` trains only the key
 third of every matched `c_attn` tensor: the gradient of the other thirds is zeroed by a hook, and such
 tensors get no weight decay, so the untrained thirds stay bit-identical (Adam's moments stay zero there).
+`trained_numel` is the one answer to "how many elements of this tensor train": the freeze table, metrics.json
+`params` and the FLOPs count (gptft.models.flops) all read it, so a tensor trained in part counts its kept thirds.
 Tied weights (GPT-2's embedding is its output head) share one tensor: freezing one freezes both, and the
 log says so.
 """
@@ -26,6 +28,17 @@ from gptft.errors import ConfigError
 log = logging.getLogger(__name__)
 
 QKV = ("q", "k", "v")
+# Set on a tensor trained in part (qkv_parts): how many of its elements train. An attribute of the Parameter, so it
+# travels with it (as its gradient hook does) wherever the model goes.
+_TRAINED_PART = "gptft_trained_numel"
+
+
+def trained_numel(p: torch.Tensor) -> int:
+    """How many elements of `p` train: none when it is frozen, the kept thirds of a fused c_attn tensor under
+    qkv_parts (its gradient mask), else all of them."""
+    if not p.requires_grad:
+        return 0
+    return int(getattr(p, _TRAINED_PART, p.numel()))
 
 
 def _depth(model: torch.nn.Module) -> int:
@@ -132,11 +145,10 @@ def _mask_qkv(model: torch.nn.Module, train_patterns: list[str], parts: Sequence
             and _matches(pname, train_patterns)
         ):
             width = p.shape[-1] // 3
-            keep = torch.zeros(p.shape[-1], dtype=p.dtype, device=p.device)
-            for part in parts:
-                start = QKV.index(part) * width
-                keep[start : start + width] = 1
-            p.register_hook(lambda grad, keep=keep: grad * keep)
+            # Column slices rather than a 0/1 mask tensor: nothing to keep on the device the model moves to.
+            dropped = [slice(i * width, (i + 1) * width) for i, part in enumerate(QKV) if part not in parts]
+            p.register_hook(lambda grad, dropped=dropped: _zero_columns(grad, dropped))
+            setattr(p, _TRAINED_PART, p.numel() // 3 * len(parts))
             masked.append(pname)  # decay would move the untrained thirds
     if not masked:
         raise ConfigError(
@@ -148,14 +160,24 @@ def _mask_qkv(model: torch.nn.Module, train_patterns: list[str], parts: Sequence
     return masked
 
 
+def _zero_columns(grad: torch.Tensor, columns: list[slice]) -> torch.Tensor:
+    grad = grad.clone()  # a hook must not change the gradient autograd handed it
+    for cols in columns:
+        grad[..., cols] = 0
+    return grad
+
+
 def freeze_table(model: torch.nn.Module) -> dict[str, Any]:
-    """Trainable and frozen parameter counts, in all and per block (`h.<i>`; the rest by top module)."""
+    """Trainable and frozen parameter counts (elements, by trained_numel), in all and per block (`h.<i>`; the
+    rest by top module)."""
     rows: dict[str, list[int]] = {}
     for pname, p in model.named_parameters():
         parts = pname.split(".")
         block = f"h.{parts[parts.index('h') + 1]}" if "h" in parts else parts[-2] if len(parts) > 1 else pname
         row = rows.setdefault(block, [0, 0])
-        row[0 if p.requires_grad else 1] += p.numel()
+        trained = trained_numel(p)
+        row[0] += trained
+        row[1] += p.numel() - trained
     trainable = sum(r[0] for r in rows.values())
     frozen = sum(r[1] for r in rows.values())
     return {
