@@ -18,6 +18,7 @@ import lightning as L
 import torch
 
 from gptft.models.flops import dense_peak, model_flops_per_token
+from gptft.tasks.freezing import trained_numel
 from gptft.utils.clock import device_clock
 
 log = logging.getLogger(__name__)
@@ -51,8 +52,8 @@ class Throughput(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         # Counted here, after freezing and before a strategy wraps (FSDP shards) the parameters. FLOPs per token
         # are linear in the context T, so two counts give them at every T.
-        self._dense = model_flops_per_token(pl_module.model, 0)
-        self._per_position = model_flops_per_token(pl_module.model, 1) - self._dense
+        self._dense = model_flops_per_token(pl_module.model, 0, trained_numel)
+        self._per_position = model_flops_per_token(pl_module.model, 1, trained_numel) - self._dense
         if self.peak_flops is None and pl_module.device.type == "cuda":
             self.peak_flops, source = dense_peak(pl_module.device, _matmul_dtype(str(trainer.precision)))
             log.info("MFU against a peak of %s FLOP/s (%s)", self.peak_flops or "no known", source)
@@ -63,7 +64,7 @@ class Throughput(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        x, _, step_tokens = batch
+        x, _, step_tokens = batch[:3]
         self.flops_per_token = self._dense + self._per_position * x.size(1)
         self._flops += self.flops_per_token * x.numel()  # the work this rank did, padding included
         self._batches += 1

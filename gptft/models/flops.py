@@ -1,48 +1,63 @@
 """Model FLOPs per trained token: the numerator of model FLOPs utilisation (MFU).
 
-Conventions (PaLM appendix B, nanoGPT's `estimate_mfu`), for a decoder of L blocks of width d at context T:
+Conventions (PaLM appendix B, nanoGPT's `estimate_mfu`), for a decoder of L blocks of width d at context T.
+What is counted:
 
-- N counts the parameters that do matrix products. Position embeddings are left out (a table lookup, no
-  product); the token embedding is counted once, because GPT-2 ties it to the output layer, whose
-  d × vocabulary product is the largest in a small model. Biases and LayerNorms are counted (they are tiny).
-- A trained weight costs 6 FLOPs per token: 2 forward, 2 for the gradient of its input, 2 for its own gradient.
-- A frozen weight costs 4 if gradients must still flow through it to a trained weight below it (it needs no
-  gradient of its own), and 2 if nothing below it trains (forward only: no backward reaches it). A trained
-  token or position embedding is below every block, even when it is tied to the output layer.
-- Attention scores and their weighted sum cost 4·d·T per token per block forward and twice that backward,
-  the backward only in the blocks that gradients reach. Causal masking is ignored, as the convention does.
+- The parameters that do matrix products, in the order the forward pass uses them. Position embeddings are left
+  out (a table lookup, no product); the token embedding is counted once, as the output layer it is tied to (GPT-2),
+  whose d × vocabulary product is the largest in a small model.
+- Per element of a weight matrix: 2 FLOPs forward; 2 for the gradient of its input, when the backward pass needs
+  that gradient (some tensor used before it trains, the embeddings first of all); 2 for its own gradient, when
+  the element trains. So a trained weight costs 6, except the first trained one in the forward order, whose
+  input carries no gradient (4); a frozen weight costs 4 once gradients flow through it, else 2 (forward only).
+- Attention scores and their weighted sum: 4·d·T per token per block forward, 8·d·T backward in the blocks
+  whose queries, keys and values the gradient reaches (those after the first trained tensor, and its own block
+  when that tensor comes before the attention, e.g. c_attn). Causal masking is ignored, as the convention does.
 
-Everything trained gives the familiar 6·N + 12·L·d·T. Recomputation by gradient checkpointing is not counted:
-MFU measures useful model work, not hardware work.
+What torch's FlopCounterMode sees differently (tests/oracle/test_oracle_weights.py checks the count against it):
 
-Why not Lightning's `measure_flops` (torch's FlopCounterMode): it counts one forward and backward of one input
-shape, so it must run the model (on the meta device, a copy with the same freezing, PEFT wrapping and sharding)
-for every batch length a question/answer run sees; this count is a formula in T. tests/test_scale.py checks that
-the two agree on the tiny model as it is frozen three ways.
+- Biases and LayerNorm gains are charged like matrices of their size (2 / 4 / 6 per element as above); the
+  counter counts matrix products only. They are 0.09% of GPT-2 small's training FLOPs.
+- `freeze.qkv_parts` trains part of a fused c_attn matrix: autograd computes its whole weight gradient and a hook
+  zeroes the untrained thirds. Only the useful part is counted (2 per trained element), so under qkv_parts=[k]
+  the executed work is 2 FLOPs per untrained element higher than reported. MFU counts useful model work; for
+  the same reason recomputation by gradient checkpointing is not counted either.
+
+Everything trained gives the familiar 6·N + 12·L·d·T.
+
+Why not Lightning's `measure_flops` (torch's FlopCounterMode) at run time: it counts one forward and backward of
+one input shape, so it must run the model (on the meta device, a copy with the same freezing, PEFT wrapping and
+sharding) for every batch length a question/answer run sees; this count is a formula in T.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
 _BLOCK = re.compile(r"\.(\d+)\.")  # the block index in names like transformer.h.3.attn.c_attn.weight
+# The attention's output projection (GPT-2, GPT-Neo; PEFT's wrapped layers keep the name): the attention runs just
+# before it.
+_ATTENTION_OUT = re.compile(r"\.attn\.(c_proj|attention\.out_proj)\.")
 
 
 def flops_per_token(
-    n_trained: int,
-    n_frozen_backward: int,
-    n_frozen_forward: int,
+    n_both: int,
+    n_one: int,
+    n_forward_only: int,
     n_layer: int,
     d_model: int,
     seq_len: int,
     n_layer_backward: int | None = None,
 ) -> float:
-    """Training FLOPs per token: 6·n_trained + 4·n_frozen_backward + 2·n_frozen_forward, plus attention
-    4·L·d·T forward and 8·L_b·d·T backward, where L_b (default all L) is the number of blocks gradients reach."""
+    """Training FLOPs per token of matrix elements counted by what the backward pass does for them: both
+    gradients, of the input and of the element (6 FLOPs with the forward's 2), one of the two (4) or none (2);
+    plus attention, 4·L·d·T forward and 8·L_b·d·T backward, where L_b (default all L) is the number of blocks
+    gradients reach."""
     l_back = n_layer if n_layer_backward is None else n_layer_backward
-    dense = 6 * n_trained + 4 * n_frozen_backward + 2 * n_frozen_forward
+    dense = 6 * n_both + 4 * n_one + 2 * n_forward_only
     return float(dense + (4 * n_layer + 8 * l_back) * d_model * seq_len)
 
 
@@ -59,8 +74,16 @@ def _forward_order(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter
     return [(n, p) for n, p in params if p is not head_weight] + last
 
 
-def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
-    """flops_per_token for a Hugging Face causal LM as it is frozen now (`requires_grad` per parameter)."""
+def _all_or_none(p: torch.Tensor) -> int:
+    return p.numel() if p.requires_grad else 0
+
+
+def model_flops_per_token(
+    model: torch.nn.Module, seq_len: int, trained_numel: Callable[[torch.Tensor], int] = _all_or_none
+) -> float:
+    """flops_per_token for a Hugging Face causal LM as it is frozen now. `requires_grad` says where gradients
+    flow; `trained_numel(p)` how many elements of p train (gptft.tasks.freezing.trained_numel for a model frozen
+    by gptft, which knows the tensors trained in part)."""
     config = model.config
     n_layer = int(getattr(config, "n_layer", None) or config.num_hidden_layers)
     d_model = int(getattr(config, "n_embd", None) or config.hidden_size)
@@ -68,22 +91,37 @@ def model_flops_per_token(model: torch.nn.Module, seq_len: int) -> float:
     first = next((i for i, (_, p) in enumerate(order) if p.requires_grad), len(order))
     lookups = [p for n, p in model.named_parameters() if n.endswith("wpe.weight")]
     lookups.append(model.get_input_embeddings().weight)
+    # A trained embedding table (the tied one too) needs gradients through every block down to it.
     if any(p.requires_grad for p in lookups):
-        first = (
-            0  # a trained embedding table (the tied one too) needs gradients through every block down to it
-        )
-    trained = sum(p.numel() for _, p in order if p.requires_grad)
-    forward_only = sum(p.numel() for _, p in order[:first])
-    frozen_backward = sum(p.numel() for _, p in order[first:] if not p.requires_grad)
+        first = -1
+    both = one = forward_only = 0
+    for i, (_, p) in enumerate(order):
+        trained = trained_numel(p)
+        if i > first:  # the gradient of its input is needed
+            both, one = both + trained, one + p.numel() - trained
+        else:
+            one, forward_only = one + trained, forward_only + p.numel() - trained
+    return flops_per_token(both, one, forward_only, n_layer, d_model, seq_len, _blocks_backward(order, first))
+
+
+def _blocks_backward(order: list[tuple[str, torch.nn.Parameter]], first: int) -> int:
+    """How many blocks run their attention backward when the first tensor with a gradient is order[first]
+    (-1: an embedding, below every block)."""
+    blocks = sorted({int(m.group(1)) for n, _ in order if (m := _BLOCK.search(n))})
+    if first < 0:
+        return len(blocks)
     if first == len(order):
-        l_back = 0
-    else:
-        block = _BLOCK.search(order[first][0])
-        # A trained parameter before the first block (embeddings) sends gradients through all of them; one after
-        # the last block (final norm, tied head) through none.
-        blocks_after = [int(m.group(1)) for n, _ in order[first:] if (m := _BLOCK.search(n))]
-        l_back = n_layer - int(block.group(1)) if block else (n_layer if blocks_after else 0)
-    return flops_per_token(trained, frozen_backward, forward_only, n_layer, d_model, seq_len, l_back)
+        return 0
+    name = order[first][0]
+    block = _BLOCK.search(name)
+    if block is None:  # before the first block (an embeddings' norm) or after the last (final norm, head)
+        return len(blocks) if any(_BLOCK.search(n) for n, _ in order[first:]) else 0
+    b = int(block.group(1))
+    # In its own block the attention runs backward only when the first trained tensor comes before it.
+    past_attention = any(
+        _ATTENTION_OUT.search(n) and int(_BLOCK.search(n).group(1)) == b for n, _ in order[: first + 1]
+    )
+    return sum(1 for i in blocks if i > b or (i == b and not past_attention))
 
 
 # Dense (no sparsity) bf16 (= fp16) tensor-core peaks in FLOP/s from the vendors' datasheets, most specific name first.
