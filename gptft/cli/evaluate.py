@@ -24,7 +24,8 @@ Face "perplexity of fixed-length models" method). With a stride below the window
 first is scored exactly once; a text shorter than one window is refused.
 Exact match: greedy answers to the first --questions pairs, each question in the run's template (a model
 without a run's template: the course's "QUESTION: {q} ANSWER:"); right when the last number of the answer equals
-the reference's number after '####' (GSM8K), else when the normalised texts are equal.
+the reference's number after '####' (GSM8K: '3-5' reads 5, '1,234' 1234, '1,2,3' 3); any other reference, with
+numbers or not, when the texts are equal once normalised as SQuAD does (case, punctuation, articles, spaces).
 """
 
 
