@@ -304,13 +304,23 @@ def test_one_generation_repeat_shows_no_spread(sweep, tmp_path):
         a, b = raw[("none", s)]["after"]["style_ratio"], raw[("upper_qkv", s)]["after"]["style_ratio"]
         assert rows[f"freeze=none, seed={s}"].endswith(f"→ {a['mean']:.3g} ± {a['std']:.2g}")
         assert rows[f"freeze=upper_qkv, seed={s}"].endswith(f"→ {b['mean']:.3g}"), rows
-    # a single run with one repeat (std null): its own figures (bars per run) draw and say no spread either
-    rng = random.Random(6)
-    _write_run(tmp_path / "one", {"seed": 1}, _metrics(1, rng, repeats=1, std_of_one=None), _losses(rng))
-    one = write_report(tmp_path / "one")
-    (row,) = [_cells(line) for line in one.split("\n\n")[1].splitlines()[2:]]  # the per-run table
-    assert not any("±" in cell for cell in row) and "→" in row[7], row
-    assert (tmp_path / "one/report/style_ratio.png").stat().st_size > 10_000
+    # one seed of the freezing pair, one repeat each (std null): the runs' own figures (bars per run) draw, no
+    # spread is shown, and the A/B section gives both savings r
+    rng, pair = random.Random(6), tmp_path / "pair"
+    times = {}
+    for arm, slower in (("none", 1.0), ("upper_qkv", 0.6)):
+        m = _metrics(1, rng, repeats=1, std_of_one=None, slower=slower)
+        _write_run(pair / arm, {"freeze": arm, "seed": 1}, m, _losses(rng))
+        times[arm] = m["time"]
+    text = write_report(pair)
+    rows = [_cells(line) for line in text.split("\n\n")[1].splitlines()[2:]]  # the per-run table
+    assert len(rows) == 2 and all("→" in row[7] and not any("±" in cell for cell in row) for row in rows), (
+        rows
+    )
+    for key, what in (("train_s", "time of the training steps"), ("fit_s", "wall time of the fit")):
+        a, b = times["none"][key], times["upper_qkv"][key]
+        assert f"- {what}" in text and f"saving r = (T_A − T_B) / T_A = {100 * (a - b) / a:.1f}%" in text
+    assert (pair / "report/style_ratio.png").stat().st_size > 10_000
 
 
 def test_beyond_16_seeds_the_p_is_monte_carlo_and_says_its_floor(tmp_path):
