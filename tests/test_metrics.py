@@ -105,7 +105,8 @@ def test_free_generation_probe_is_deterministic_and_restores_train_mode(book, ti
     assert all(torch.equal(a, b) for a, b in zip(drawn[1], drawn_again[1], strict=True))
     other = Probes(prompts=[], out_dir=str(tmp_path), max_new_tokens=8, repeats=2, free_prompts=4, seed=1)
     other._index_training_text(book)
-    other_prompts, other_generated = other.free_generation(model)[1][0]  # another seed: other prompts and text
+    # another seed: other prompts and other text
+    other_prompts, other_generated = other.free_generation(model)[1][0]
     assert not torch.equal(other_prompts, drawn[0][0]) and not torch.equal(other_generated, drawn[0][1])
 
 
