@@ -53,6 +53,15 @@ def _without(node: DictConfig, *keys: str) -> DictConfig:
     return OmegaConf.create({k: v for k, v in resolved.items() if k not in keys})
 
 
+def _val_check_in_batches(trainer_cfg: DictConfig) -> dict[str, Any]:
+    """trainer.val_check_interval counts optimizer steps (as the README says); Lightning counts training batches,
+    which under accumulation would validate inside an optimizer step: give Lightning steps × accumulation."""
+    interval, accumulate = trainer_cfg.get("val_check_interval"), trainer_cfg.get("accumulate_grad_batches", 1)
+    if isinstance(interval, int) and not isinstance(interval, bool) and accumulate > 1:
+        return {"val_check_interval": interval * accumulate}
+    return {}
+
+
 def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any]:
     """Run one experiment; return its metrics (what metrics.json holds). `extra_callbacks` join the config's
     (gptft.search adds a trial's pruning callback)."""
@@ -121,7 +130,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
         out / "metrics.json", OmegaConf.to_container(cfg, resolve=True), resume=bool(cfg.ckpt_path)
     )
     record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed, freeze=frozen)
-    record.data.update(datamodule.metrics())  # what the data measured at setup (InstructPairs: token lengths)
     callbacks = [
         record,
         instantiate(_without(cfg.eval, "reference")),  # eval.reference is the ReferenceProbe's text
@@ -136,6 +144,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     set_tf32(bool(cfg.trainer.get("tf32", False)))  # trainer=gpu turns it on; a no-op off CUDA
     trainer = instantiate(
         _without(cfg.trainer, "tf32"),  # gptft's setting beside Lightning's own
+        **_val_check_in_batches(cfg.trainer),
         callbacks=callbacks,
         logger=loggers or False,
         precision=precision,

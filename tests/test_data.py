@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from gptft.data import BookWindows, WindowSampler, split_segments
-from gptft.data.windows import _StepBatches
+from gptft.data.windows import _StepBatches, batch_digest
 from gptft.errors import ConfigError
 
 
@@ -36,8 +36,8 @@ def test_loader_continues_at_the_current_step(book):
     loader = _StepBatches(book.train_sampler, lambda: step["now"], end=8)
     assert len(loader) == 3
     batches = list(loader)
-    assert [torch.equal(x, book.train_sampler.batch(5 + i)[0]) for i, (x, _, _) in enumerate(batches)] == [True] * 3
-    assert [n for _, _, n in batches] == [8 * 64] * 3  # every target of a window carries a label
+    assert [torch.equal(x, book.train_sampler.batch(5 + i)[0]) for i, (x, *_) in enumerate(batches)] == [True] * 3
+    assert [n for _, _, n, _ in batches] == [8 * 64] * 3  # every target of a window carries a label
     step["now"] = 7  # e.g. Lightning starts a new epoch after a resume
     assert len(loader) == 1 and torch.equal(next(iter(loader))[0], book.train_sampler.batch(7)[0])
 
@@ -52,7 +52,12 @@ def test_accumulated_micro_batches_are_slices_of_one_step_draw(book):
         micro = torch.cat([cut.starts(step * 4 + i) for i in range(4)])
         assert torch.equal(micro, whole.starts(step))
     loader = _StepBatches(cut, lambda: 4, end=12)  # optimizer steps 1 and 2, each 4 micro-batches
-    assert [n for _, _, n in loader] == [8 * 32] * 8  # the whole step's labelled tokens, on every micro-batch
+    batches = list(loader)
+    assert [n for _, _, n, _ in batches] == [8 * 32] * 8  # the whole step's labelled tokens, on every micro-batch
+    # ... and the whole step's digest: the same as one batch of 8 windows gives (what data_fingerprint records)
+    whole_digests = [batch_digest(*whole.batch(step)) for step in (1, 2)]
+    assert [d for *_, d in batches] == [whole_digests[0]] * 4 + [whole_digests[1]] * 4
+    assert whole_digests[0] != whole_digests[1]
 
 
 def _inside(starts, length, segments):

@@ -57,10 +57,9 @@ class RunRecord(L.Callback):
         self.data: dict[str, Any] = {**previous, "status": "created", "config": config or {}}
         # Measured in earlier segments of this run (restored from the checkpoint) and in this one so far.
         self._state: dict[str, Any] = {
-            "losses": [], "batch_sums": [], "step_s": [], "tokens": 0, "train_s": 0.0, "val_s": 0.0, "fit_s": 0.0,
+            "losses": [], "step_digests": [], "step_s": [], "tokens": 0, "train_s": 0.0, "val_s": 0.0, "fit_s": 0.0,
         }  # fmt: skip
         self._losses: list[torch.Tensor] = []  # this segment's step losses, not yet read from the device
-        self._batch_sums: list[torch.Tensor] = []
         self._last_step = -1
         self._t_fit = self._t_first = self._t_last = self._t_step = self._t_val_start = 0.0
         self._val_s = 0.0
@@ -82,9 +81,6 @@ class RunRecord(L.Callback):
         if self._losses:
             self._state["losses"] += torch.stack(self._losses).float().cpu().tolist()
             self._losses = []
-        if self._batch_sums:
-            self._state["batch_sums"] += torch.stack(self._batch_sums).cpu().tolist()
-            self._batch_sums = []
 
     def _train_s(self) -> float:
         segment = self._t_last - self._t_first - self._val_s if self._t_first else 0.0
@@ -104,6 +100,9 @@ class RunRecord(L.Callback):
         from gptft.tasks.freezing import trained_numel  # freeze.qkv_parts trains only part of some tensors
 
         params = list(pl_module.parameters())
+        # What the data measured at setup (InstructPairs: token lengths; BookWindows: the windows' starts), now
+        # that the trainer's accumulation and ranks are known.
+        self.data.update(getattr(trainer.datamodule, "metrics", dict)())
         self.data.update(
             status="running",
             params={
@@ -132,12 +131,12 @@ class RunRecord(L.Callback):
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._batch_sums.append(batch[0].sum())  # a fingerprint of what was trained on, no sync
         if trainer.global_step == self._last_step:
             return  # a micro-batch inside an optimizer step (gradient accumulation)
         self._last_step = trainer.global_step
         self._losses.append(pl_module.step_loss)
         self._state["tokens"] += batch[2]  # labelled tokens of the whole step, all ranks (a plain int)
+        self._state["step_digests"].append(batch[3])  # what the whole step trained on, however it was split
         self._t_last = device_clock(pl_module.device)
         self._state["step_s"].append(self._t_last - self._t_step)
         self._t_step = self._t_last
@@ -178,9 +177,9 @@ class RunRecord(L.Callback):
             # Over all ranks, counting the tokens that carry a label (padding and masked prompts do not).
             "tokens_per_s": round(self._state["tokens"] / train_s, 1),
         }
-        if self._state["batch_sums"]:
-            sums = str(self._state["batch_sums"]).encode()
-            self.data["data_fingerprint"] = hashlib.blake2b(sums, digest_size=8).hexdigest()
+        if self._state["step_digests"]:
+            digests = str(self._state["step_digests"]).encode()
+            self.data["data_fingerprint"] = hashlib.blake2b(digests, digest_size=8).hexdigest()
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.data.setdefault("time", {})["fit_s"] = round(self._fit_s(), 3)

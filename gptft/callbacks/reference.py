@@ -8,7 +8,7 @@ than the training one):
 
 The KL needs the starting model's distributions at the end, without a second model on the device: the probe
 keeps the full-vocabulary log-probabilities of the first `kl_tokens` positions of the reference windows on the
-host (fp32, exact; 512 positions × 50,257 × 4 B = 103 MB). They are the callback's checkpoint state, so a resumed
+host (computed in fp32 with autocast off, whatever the training precision; 512 positions × 50,257 × 4 B = 103 MB). They are the callback's checkpoint state, so a resumed
 run still has them (the checkpoint grows by that much; `kl_tokens` sets it, 0 turns the KL off).
 """
 
@@ -190,7 +190,9 @@ class ReferenceProbe(BeforeAfter):
         # same everywhere, so are the results; rank 0 logs them.
         was_training = task.training
         task.eval()
-        with trainer.precision_plugin.forward_context():
+        # In fp32 whatever the training precision: this is evaluation, and under bf16 autocast the KL of a small
+        # drift reads bf16's rounding (a 1e-6 relative weight change: 6.5e-7 under bf16, 5e-13 in fp32).
+        with torch.autocast(task.device.type, enabled=False):
             loss = self.loss(task)
             kl = self.kl(task, keep=when == "before") if self.info["kl_positions"] else None
         task.train(was_training)

@@ -11,7 +11,7 @@ import torch
 class TrainData(L.LightningDataModule):
     """A LightningDataModule for gptft's tasks and probes.
 
-    - `train_dataloader()` yields (x, y, step_tokens) micro-batches from a step sampler (gptft.data.windows:
+    - `train_dataloader()` yields (x, y, step_tokens, step_digest) micro-batches from a step sampler (gptft.data.windows:
       `step_loader`), so a batch is a pure function of (seed, step) and the step's labelled tokens are known;
     - `val_dataloader()` yields fixed (x, y) batches, y = IGNORE_INDEX where nothing is to be learned;
     - `train_token_ids()`: every token id of the training text, which the copy rate compares generated text with;

@@ -116,7 +116,7 @@ class InstructPairs(TrainData):
             return  # idempotent: run.py sets up early to fail fast, Lightning calls again
         h = self.hparams
         self._check_settings()
-        (train, test), skipped = self._load_pairs()
+        (train, test), test_positions, skipped = self._load_pairs()
         question_counts = token_counts([q for q, _ in train])
         answer_counts = token_counts([a for _, a in train])
         encoded = {
@@ -134,6 +134,8 @@ class InstructPairs(TrainData):
         g = torch.Generator().manual_seed(derive_seed(h.seed, 0, "instruct-val"))
         chosen = torch.randperm(len(self.test_rows), generator=g)[: h.val_pairs].sort().values
         self.val_rows = [self.test_rows[i] for i in chosen.tolist()]
+        # Where each validation pair came from, so its loss can be computed again from the data file.
+        self.val_positions = [test_positions[encoded["test"].kept[i]] for i in chosen.tolist()]
         self.train_batches = PairBatches(self.train_rows, h.batch_size, h.seed, h.mask_prompt)
         self.lengths = self._lengths(encoded, question_counts, answer_counts, skipped)
         self._raw_counts = {"question": question_counts, "answer": answer_counts}
@@ -151,8 +153,9 @@ class InstructPairs(TrainData):
         if not (h.train_file or h.hf_dataset):
             raise ConfigError(f"data.train_file and data.hf_dataset are both unset: use {OFFLINE_CHOICES}")
 
-    def _load_pairs(self) -> tuple[tuple[list[tuple[str, str]], list[tuple[str, str]]], int]:
-        """((train pairs, test pairs), records skipped)."""
+    def _load_pairs(self) -> tuple[tuple[list[tuple[str, str]], list[tuple[str, str]]], list[int], int]:
+        """((train pairs, test pairs), each test pair's position among the pairs read from its source (the test
+        file, or the training file a test fraction was held out of), records skipped)."""
         h = self.hparams
         fields = Fields(h.question_field, h.answer_field, h.text_field, h.split_marker, h.question_marker)
         skipped = 0
@@ -176,6 +179,7 @@ class InstructPairs(TrainData):
 
         train = pairs_of(h.train_file, "data.train_file", h.hf_train_split)
         test = pairs_of(h.test_file, "data.test_file", h.hf_test_split)
+        positions = list(range(len(test or [])))
         if test is None:  # no test file: hold out a seeded fraction of the training pairs
             g = torch.Generator().manual_seed(derive_seed(h.seed, 0, "instruct-split"))
             order = torch.randperm(len(train), generator=g).tolist()
@@ -184,9 +188,10 @@ class InstructPairs(TrainData):
                 raise ConfigError(
                     f"data.test_fraction={h.test_fraction} leaves no training pairs of {len(train)}"
                 )
-            test = [train[i] for i in sorted(order[:n_test])]
+            positions = sorted(order[:n_test])
+            test = [train[i] for i in positions]
             train = [train[i] for i in sorted(order[n_test:])]
-        return (train, test), skipped
+        return (train, test), positions, skipped
 
     def _lengths(
         self, encoded: dict[str, Encoded], questions: list[int], answers: list[int], skipped: int
@@ -201,6 +206,7 @@ class InstructPairs(TrainData):
             "answer": length_stats(answers),
             "row": length_stats([len(r.ids) for r in encoded["train"].rows]),  # templated, after the policy
             "pairs": {**{part: len(e.rows) for part, e in encoded.items()}, "val": len(self.val_rows)},
+            "val_indices": self.val_positions,
             "truncated": {part: e.truncated for part, e in encoded.items()},
             "dropped": {part: e.dropped for part, e in encoded.items()},
             "question_too_long": {part: e.question_too_long for part, e in encoded.items()},

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -25,7 +26,7 @@ from gptft.config import SOURCES, SPLITS, check_choice
 from gptft.data.base import TrainData
 from gptft.errors import ConfigError
 from gptft.text.corpus import GUTENBERG_URL, load_book_text, load_book_tokens, resolve_book
-from gptft.text.tokenizer import IGNORE_INDEX, VOCAB_SIZE
+from gptft.text.tokenizer import EOT_ID, IGNORE_INDEX, VOCAB_SIZE
 from gptft.utils.seeding import derive_seed
 
 log = logging.getLogger(__name__)
@@ -105,9 +106,12 @@ class WindowSampler(StepSampler):
     def starts(self, micro_step: int, rank: int | None = None) -> torch.Tensor:
         """Start positions of a rank's windows of micro-batch `micro_step`: its slice of the step's draw."""
         step, slot = self.slot(micro_step, rank)
+        return self.step_starts(step, self.slots)[slot * self.batch_size : (slot + 1) * self.batch_size]
+
+    def step_starts(self, step: int, slots: int) -> torch.Tensor:
+        """Start positions of optimizer step `step`'s whole draw: `slots` micro-batches × ranks of batch_size."""
         g = torch.Generator().manual_seed(derive_seed(self.seed, step, "train"))
-        drawn = torch.randint(0, self.n_starts, (self.slots * self.batch_size,), generator=g)
-        return self._positions(drawn[slot * self.batch_size : (slot + 1) * self.batch_size])
+        return self._positions(torch.randint(0, self.n_starts, (slots * self.batch_size,), generator=g))
 
     def spread_starts(self, count: int) -> torch.Tensor:
         """`count` start positions spread evenly over the segments: a fixed, representative set."""
@@ -137,14 +141,25 @@ class RandomTokens(StepSampler):
         return w[:, :-1], w[:, 1:]
 
 
-TrainBatch = tuple[torch.Tensor, torch.Tensor, int]  # (x, y, labelled tokens of the whole optimizer step)
+# (x, y, labelled tokens of the whole optimizer step, the step's data digest)
+TrainBatch = tuple[torch.Tensor, torch.Tensor, int, int]
+
+
+def batch_digest(x: torch.Tensor, y: torch.Tensor) -> int:
+    """A checksum of the rows of (x, y) that no batching changes: a sum over rows (their order and grouping into
+    micro-batches and ranks do not count) of position-weighted ids, padding (end-of-text in, no label) left out.
+    Summed over a step's micro-batches it fingerprints what the step trained on (metrics.json data_fingerprint)."""
+    positions = torch.arange(1, x.size(-1) + 1, dtype=torch.long)
+    weights = (positions * 2654435761) % (1 << 20) + 1  # distinct per position, small enough for int64 sums
+    real = ~((x == EOT_ID) & (y == IGNORE_INDEX))
+    return int((((x.long() + 1) * weights + (y.long() + 101) * (weights + 7)) * real).sum())
 
 
 class _StepBatches(IterableDataset):
-    """Yields micro-batches `first()` .. `end - 1` as (x, y, step_tokens), one whole batch per item.
+    """Yields micro-batches `first()` .. `end - 1` as (x, y, step_tokens, step_digest), one whole batch per item.
 
     step_tokens counts the labelled targets (y ≠ IGNORE_INDEX) of the whole optimizer step: every micro-batch on
-    every rank. Batches are a pure function of the step, so it is known before the step runs, with no
+    every rank; step_digest is their `batch_digest`. Batches are a pure function of the step, so it is known before the step runs, with no
     communication: the task divides by it, so the step's loss is one mean over all its tokens (what one batch
     holding every micro-batch and rank would give), however the rows are masked or split.
 
@@ -170,16 +185,17 @@ class _StepBatches(IterableDataset):
                 if r != self.sampler.rank
             ]
             step_tokens = sum(int((y != IGNORE_INDEX).sum()) for _, y in mine + others)
+            step_digest = sum(batch_digest(x, y) for x, y in mine + others)
             for m, (x, y) in zip(micro_steps, mine, strict=True):
                 if m >= first:
-                    yield x, y, step_tokens
+                    yield x, y, step_tokens, step_digest
 
 
 def step_loader(
     trainer: L.Trainer | None, sampler: StepSampler, seed: int, pin_memory: bool = False
 ) -> DataLoader:
     """The training loader of a step sampler: micro-batches trainer.global_step × accumulate …
-    max_steps × accumulate − 1 as (x, y, step_tokens), so a resumed run continues with the batch it would have
+    max_steps × accumulate − 1 as (x, y, step_tokens, step_digest), so a resumed run continues with the batch it would have
     seen next; each rank and micro-batch keeps its slice of every step's global draw."""
     if trainer is None or trainer.max_steps is None or trainer.max_steps < 0:
         raise ConfigError("trainer.max_steps is not set: batches are drawn per step, so give a step count")
@@ -291,13 +307,26 @@ class BookWindows(TrainData):
         """All token ids of the book, both splits: the course counts the style ratio's set over the book."""
         return self.tokens
 
+    def metrics(self) -> dict[str, Any]:
+        """What metrics.json keeps under `data`: enough to compute the held-out loss and the first step's train loss
+        again from the book (its token count, the validation windows' starts, the starts of the first optimizer
+        step's windows over all its micro-batches and ranks, once a trainer is attached)."""
+        h = self.hparams
+        out = {"tokens": len(self.tokens), "seq_len": h.seq_len, "val_starts": self._val_starts().tolist()}
+        if isinstance(self.train_sampler, WindowSampler) and self.trainer is not None:
+            slots = self.trainer.accumulate_grad_batches * self.trainer.world_size
+            out["first_step_starts"] = self.train_sampler.step_starts(0, slots).tolist()
+        return {"data": out}
+
+    def _val_starts(self) -> torch.Tensor:
+        return self.test_sampler.spread_starts(self.hparams.val_windows)
+
     def train_dataloader(self) -> DataLoader:
         return step_loader(self.trainer, self.train_sampler, self.hparams.seed, self.hparams.pin_memory)
 
     def val_dataloader(self) -> DataLoader:
-        starts = self.test_sampler.spread_starts(self.hparams.val_windows)
         return DataLoader(
-            _FixedWindows(self.test_sampler, starts),
+            _FixedWindows(self.test_sampler, self._val_starts()),
             batch_size=self.hparams.batch_size,
             shuffle=False,
             pin_memory=self.hparams.pin_memory,

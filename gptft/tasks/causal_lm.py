@@ -70,7 +70,9 @@ class CausalLM(L.LightningModule):
         self.loss_chunk = loss_chunk if isinstance(head, torch.nn.Linear) and head.bias is None else 0
         # Validation: a mean over the labelled tokens, so batches of masked rows of different lengths (question/
         # answer pairs) weigh by what they hold; synced over the ranks when computed.
-        self.val_mean = MeanMetric(nan_strategy="disable")  # a nan loss must show, not be dropped
+        # nan_strategy=nan: a nan loss must show, not be dropped. Not "disable": torchmetrics 1.9 then replaces
+        # the weights by ones (a mean of batch means, which depends on the batching); a float strategy keeps them.
+        self.val_mean = MeanMetric(nan_strategy=float("nan"))
         self._step_sum = torch.zeros(())
         # The loss of the latest optimizer step over all its micro-batches and ranks (a detached device tensor):
         # what train/loss shows and metrics.json keeps.
@@ -118,11 +120,11 @@ class CausalLM(L.LightningModule):
         micro_step = self.trainer.global_step * accumulate + batch_idx % accumulate
         torch.manual_seed(derive_seed(self.hparams.seed, micro_step, f"dropout-rank{self.global_rank}"))
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, int], batch_idx: int) -> torch.Tensor:
-        """One micro-batch (x, y, step_tokens). The optimizer step's loss is the mean over every labelled token
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, int, int], batch_idx: int) -> torch.Tensor:
+        """One micro-batch (x, y, step_tokens, step_digest). The optimizer step's loss is the mean over every labelled token
         of all its micro-batches on all ranks, step_tokens of them (counted by the data loader): exactly the
         loss of one batch holding them all, however the rows are masked, padded or split."""
-        x, y, step_tokens = batch
+        x, y, step_tokens = batch[:3]
         loss, extras = self.compute_loss(batch)
         share = loss * (y != IGNORE_INDEX).sum() / max(step_tokens, 1)  # this micro-batch's part of the mean
         accumulate, world = self.trainer.accumulate_grad_batches, self.trainer.world_size

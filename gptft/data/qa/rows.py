@@ -7,7 +7,7 @@ boundary is exact. In a batch (x, y), y is x shifted by one and holds IGNORE_IND
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -26,6 +26,7 @@ class Row:
 @dataclass
 class Encoded:
     rows: list[Row]
+    kept: list[int] = field(default_factory=list)  # each row's position among the pairs given
     truncated: int = 0
     dropped: int = 0
     question_too_long: int = 0  # dropped because the question part alone leaves no room for an answer
@@ -44,7 +45,7 @@ def encode_pairs(
     questions = enc.encode_ordinary_batch([template.question(q) for q, _ in pairs])
     answers = enc.encode_ordinary_batch([template.answer(a) for _, a in pairs])
     out = Encoded(rows=[])
-    for q_ids, a_ids in zip(questions, answers, strict=True):
+    for i, (q_ids, a_ids) in enumerate(zip(questions, answers, strict=True)):
         ids = q_ids + a_ids + [EOT_ID]
         if len(q_ids) + 1 > max_length:
             out.dropped += 1
@@ -57,6 +58,7 @@ def encode_pairs(
             ids = ids[:max_length]
             out.truncated += 1
         out.rows.append(Row(torch.tensor(ids, dtype=torch.long), len(q_ids)))
+        out.kept.append(i)
     return out
 
 

