@@ -12,6 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Tests that run gptft in this process never reach the hub either (read when huggingface_hub is imported).
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite's forced precision=auto choice, if any (tests/README.md), read before a test measures the CPU (the
+# measurement is written to the same variable for the processes a run starts).
+FORCED_PRECISION = os.environ.get("GPTFT_CPU_BF16_SPEEDUP")
 
 
 @pytest.fixture(scope="session")

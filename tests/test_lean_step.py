@@ -18,7 +18,7 @@ from gptft.models.precision import (
 )
 from gptft.tasks import CausalLM
 
-from conftest import REPO
+from conftest import FORCED_PRECISION, REPO
 
 OPTIM = {"lr": 1e-3, "weight_decay": 0.01}
 
@@ -99,7 +99,9 @@ def test_precision_follows_the_hardware_unless_asked():
     assert resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"
     # auto on a CPU: bf16 only where it is native and its products are measured faster than fp32's by the margin
     speedup = cpu_bf16_speedup()
-    assert (speedup > 0) == cpu_bf16_native() and cpu_bf16_speedup() is speedup  # measured once per process
+    assert cpu_bf16_speedup() is speedup  # measured once per process
+    if FORCED_PRECISION is None:  # else the suite runs with the choice forced (tests/README.md)
+        assert (speedup > 0) == cpu_bf16_native()
     assert resolve_precision("auto", "cpu") == ("bf16-mixed" if speedup >= BF16_MARGIN else "32-true")
     if not torch.cuda.is_available():
         assert resolve_precision("auto", "auto") == resolve_precision("auto", "cpu")
@@ -111,4 +113,4 @@ def test_the_processes_of_a_run_reuse_its_measurement(gptft_env):
     for speedup, chosen in (("9.0", "bf16-mixed"), ("0.5", "32-true")):
         env = {**gptft_env, SPEEDUP_ENV: speedup}
         done = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True)
-        assert done.stdout.strip() == (chosen if cpu_bf16_native() else "32-true"), done.stderr[-2000:]
+        assert done.stdout.strip() == chosen, done.stderr[-2000:]  # on any CPU: the choice can be forced

@@ -33,11 +33,13 @@ def cpu_bf16_speedup(n: int = 1024, repeats: int = 3) -> float:
     about 0.1 s in all); 0.0 without AVX512-BF16 or AMX, where bf16 is emulated. Measured, because the flags do
     not settle it: a 2-core Intel Xeon with AVX512-BF16 and no AMX ran bf16 products at 150 GFLOP/s against
     290 in fp32 (2026-11-30), while AMX runs bf16 several times faster than fp32. Measured once per job: the
-    processes a run starts (DDP ranks) read the first process's figure from the environment."""
-    if not cpu_bf16_native():
-        return 0.0
+    processes a run starts (DDP ranks) read the first process's figure from the environment, which also lets a
+    user or the test suite force the choice on any CPU (`GPTFT_CPU_BF16_SPEEDUP=9` bf16-mixed, `=0` fp32; bf16
+    is 500× slower where it is emulated, so forcing it there is for tiny models only)."""
     if SPEEDUP_ENV in os.environ:
         return float(os.environ[SPEEDUP_ENV])
+    if not cpu_bf16_native():
+        return 0.0
     best = {}
     for dtype in (torch.float32, torch.bfloat16):
         a, b = (torch.randn(n, n, generator=torch.Generator().manual_seed(i)).to(dtype) for i in (0, 1))
@@ -61,7 +63,7 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
         native, where = torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "GPU"
-    elif cpu_bf16_native():
+    elif cpu_bf16_native() or SPEEDUP_ENV in os.environ:
         speedup = cpu_bf16_speedup()
         native, where = speedup >= BF16_MARGIN, f"CPU (bf16 products measured at {speedup:.2f}× the fp32 rate)"
     else:
