@@ -13,6 +13,8 @@ from typing import Any
 import lightning as L
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 from torchmetrics import MeanMetric
 from transformers import PreTrainedModel
 
@@ -167,6 +169,26 @@ class CausalLM(L.LightningModule):
             self.validation_step(tuple(t.to(self.device, non_blocking=True) for t in batch), i)
         self.train(was_training)
         return self.val_loss()
+
+    def configure_gradient_clipping(
+        self,
+        optimizer: torch.optim.Optimizer,
+        gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Lightning's mixed-precision plugin refuses to clip for an optimizer that unscales in its own step (fused
+        AdamW, gptft's default), as its fp16 GradScaler has not unscaled the gradients yet at this point. Clip here
+        instead, keeping the fused kernel: bf16-mixed has no scaler; under 16-mixed unscale first (GradScaler then
+        marks the optimizer unscaled and its fused step does not divide again; a step with inf/nan is skipped)."""
+        plugin = self.trainer.precision_plugin
+        if not (gradient_clip_val and isinstance(plugin, MixedPrecision) and optimizer.defaults.get("fused")):
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            return
+        if plugin.scaler is not None:
+            plugin.scaler.unscale_(optimizer)
+        algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+        # The base rule (clip_grad_norm_ / clip_grad_value_ on the optimizer's parameters), not the refusal.
+        Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
 
     def configure_optimizers(self) -> dict[str, Any]:
         opt, sched = self.hparams.optim, self.hparams.schedule
