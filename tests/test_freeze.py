@@ -79,6 +79,21 @@ def test_key_only_masks_the_query_and_value_thirds(tiny):
     assert report["trainable"] + report["frozen"] == sum(p.numel() for p in tiny.parameters())
 
 
+
+def test_key_only_mask_follows_the_parameter_when_the_model_moves(tiny):
+    """The mask is set up on the CPU in fp32, before Lightning moves the model (to a GPU, in bf16): it must follow
+    the parameter. On the CPU a dtype change stands in for the device (a 0/1 fp32 mask made at set-up turned the
+    bf16 gradient into fp32, which autograd refuses; the meta device cannot stand in: torch lets a meta gradient
+    take a CPU mask)."""
+    apply_freeze(tiny, **_strategy("upper_qkv", "freeze.qkv_parts=[k]"))
+    tiny.to(torch.bfloat16)
+    weight = tiny.transformer.h[1].attn.c_attn.weight
+    tiny(torch.randint(0, 50257, (2, 16))).logits.float().sum().backward()
+    assert weight.grad.dtype == torch.bfloat16
+    assert weight.grad[:, :64].abs().sum() == 0 and weight.grad[:, 128:].abs().sum() == 0
+    assert weight.grad[:, 64:128].abs().sum() > 0
+
+
 @pytest.fixture(scope="module")
 def paired(run_ok, tiny_model_dir, tmp_path_factory):
     folder = tmp_path_factory.mktemp("freeze")
