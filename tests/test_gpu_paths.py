@@ -85,3 +85,30 @@ def test_user_command_clips_in_bf16_mixed(run_ok, tmp_path):
     )  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 2 and metrics["precision"] == "bf16-mixed"
+
+
+# Dense bf16 tensor-core peaks, TFLOP/s, from NVIDIA's datasheets (the with-sparsity figure halved where only it
+# is printed): the names are torch.cuda.get_device_name's.
+DATASHEET = {
+    "NVIDIA L40S": 362,
+    "NVIDIA L40": 181,
+    "NVIDIA L4": 121,
+    "NVIDIA H100 80GB HBM3": 989,
+    "NVIDIA H100 PCIe": 756,
+    "NVIDIA H200": 989,
+    "NVIDIA A100-SXM4-80GB": 312,
+    "NVIDIA A10G": 70,
+    "NVIDIA GeForce RTX 4090": 165,
+}
+
+
+@pytest.mark.parametrize("chip", DATASHEET)
+def test_dense_peak_of_chips_whose_names_contain_another(monkeypatch, chip):
+    """MFU's denominator for a named GPU. Lightning's table matches substrings ("l4" in "nvidia l40s") and gptft
+    took the lower figure: the L40S's MFU came out 3× too high. No GPU here: the device's name is the one input
+    that needs one, so it is given; Lightning's own table runs as on the GPU."""
+    from gptft.models.flops import dense_peak
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: chip)
+    peak, source = dense_peak(torch.device("cuda", 0), torch.bfloat16)
+    assert peak == DATASHEET[chip] * 1e12, source

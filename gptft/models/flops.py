@@ -125,10 +125,13 @@ def _blocks_backward(order: list[tuple[str, torch.nn.Parameter]], first: int) ->
 
 
 # Dense (no sparsity) bf16 (= fp16) tensor-core peaks in FLOP/s from the vendors' datasheets, most specific name first.
-# Lightning's table (get_available_flops) lacks a plain "NVIDIA H200" and lists the with-sparsity figure for some
-# chips (H200 SXM: 2.0e15), so the lower of the two is used where both know the chip.
+# Matched as whole words of the device name: Lightning's table (get_available_flops) matches substrings, so every
+# "NVIDIA L40S" and "NVIDIA L40" is its "l4" (121 TFLOP/s: MFU 3× and 1.5× too high); it also lacks a plain
+# "NVIDIA H200" and lists the with-sparsity figure for some chips (H200 SXM: 2.0e15). A chip named here takes this
+# figure; Lightning's is the fallback for the others.
 DENSE_BF16_PEAK = {
     "gh200": 989e12,
+    "h200 nvl": 835e12,
     "h200": 989e12,
     "h100 nvl": 835e12,
     "h100 pcie": 756e12,
@@ -136,20 +139,30 @@ DENSE_BF16_PEAK = {
     "b200": 2250e12,
     "a100": 312e12,
     "l40s": 362e12,
+    "l40": 181e12,
     "l4": 121e12,
     "rtx 4090": 165e12,
     "a10g": 70e12,
+    "a10": 125e12,
 }
+
+
+def datasheet_peak(chip: str) -> float | None:
+    """The dense bf16 peak of a CUDA device named `chip` (torch.cuda.get_device_name) from DENSE_BF16_PEAK, or None."""
+    name = chip.lower()
+    return next(
+        (v for k, v in DENSE_BF16_PEAK.items() if re.search(rf"(?<![a-z0-9]){re.escape(k)}(?![a-z0-9])", name)),
+        None,
+    )
 
 
 def dense_peak(device: torch.device, dtype: torch.dtype) -> tuple[float | None, str]:
     """A CUDA device's dense peak FLOP/s in `dtype` and where the figure comes from ((None, why) when unknown)."""
+    if dtype in (torch.bfloat16, torch.float16):  # tensor cores: the datasheet table first
+        own = datasheet_peak(torch.cuda.get_device_name(device))
+        if own is not None:
+            return own, "gptft's datasheet table (dense bf16)"
     from lightning.fabric.utilities.throughput import get_available_flops
 
     lightning = get_available_flops(device, dtype)
-    chip = torch.cuda.get_device_name(device).lower()
-    tensor_cores = dtype in (torch.bfloat16, torch.float16)
-    own = next((v for k, v in DENSE_BF16_PEAK.items() if k in chip), None) if tensor_cores else None
-    if own is not None and (lightning is None or own < lightning):
-        return own, "gptft's datasheet table (dense bf16)"
     return (float(lightning), "lightning get_available_flops") if lightning else (None, "unknown chip")
