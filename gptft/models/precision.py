@@ -62,7 +62,10 @@ def resolve_precision(precision: str, accelerator: str = "auto") -> str:
         return str(precision)
     on_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if on_gpu:
-        native, where = torch.cuda.is_available() and torch.cuda.is_bf16_supported(), "GPU"
+        # Not emulated bf16: pre-Ampere GPUs (T4, V100) report bf16 support by default, and run it far slower
+        # than fp32, with no flash-attention kernel.
+        native = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        where = "GPU" if native else "GPU without native bf16 (pre-Ampere: emulated)"
     elif cpu_bf16_native() or SPEEDUP_ENV in os.environ:
         speedup = cpu_bf16_speedup()
         native, where = speedup >= BF16_MARGIN, f"CPU (bf16 products measured at {speedup:.2f}× the fp32 rate)"
