@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import gc
 import re
 from pathlib import Path
 from typing import Any
@@ -9,19 +12,17 @@ from typing import Any
 import lightning as L
 import torch
 
+from gptft.models.chunked_loss import release_logits_buffer
+
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
-def _peak_rss_mb() -> float:
-    """The process's peak resident memory: VmHWM (Linux, resettable), else ru_maxrss."""
-    if _STATUS.is_file():
-        return int(re.search(r"VmHWM:\s+(\d+)", _STATUS.read_text()).group(1)) / 1024
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+def _status_mb(field: str) -> float | None:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MB; None off Linux."""
+    if not _STATUS.is_file():
+        return None
+    return int(re.search(rf"{field}:\s+(\d+)", _STATUS.read_text()).group(1)) / 1024
 
 
 def _reset_rss_peak() -> bool:
@@ -33,19 +34,39 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-class PeakMemory(L.Callback):
-    """The highest memory any training step reached, in MB, into metrics.json under "memory".
+def _release_free_memory() -> None:
+    """Give the memory earlier runs of this process freed back to the system (glibc keeps freed blocks in its
+    heap; `malloc_trim` returns them), so this run's allocations show in its resident size again. The chunked
+    loss's kept logits buffer goes too: each run counts the one it uses."""
+    release_logits_buffer()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim, the rise may read low
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
-    On a GPU: `torch.cuda.max_memory_allocated`, its peak reset before every step (an allocator counter read
-    on the host: no sync). On a CPU: the process's peak resident memory (VmHWM), reset before every step where
-    Linux allows, else the whole process's peak (`resource.getrusage`). The reset leaves out the probes and
-    validation, which keep full-vocabulary logits and would hide the difference between training methods.
+
+class PeakMemory(L.Callback):
+    """The memory the training steps take, in MB, into metrics.json under "memory".
+
+    On a GPU: `torch.cuda.max_memory_allocated` of the steps (weights, gradients, optimizer state, activations),
+    its peak reset before every step (an allocator counter read on the host: no sync). On a CPU: how far the
+    process's resident memory rose above what it held when training started (the loaded model and libraries),
+    at its highest during a step: gradients, optimizer state, activations and logits. Resident memory is a
+    process's, and a Hydra multirun trains every job in one process, so the process's own peak would grow job
+    after job; the rise above each run's start is that run's own (freed memory is handed back before the start
+    is read). The per-step reset leaves out the probes and validation, which keep full-vocabulary logits and would
+    hide the difference between training methods.
     """
 
     def __init__(self) -> None:
         self.peak_mb = 0.0
         self.measure = ""
+        self._start_mb: float | None = None
         self._resettable = True
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type != "cuda":
+            _release_free_memory()
+            self._start_mb = _status_mb("VmRSS")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         if pl_module.device.type == "cuda":
@@ -60,11 +81,17 @@ class PeakMemory(L.Callback):
                 "cuda_max_allocated",
             )
         else:
-            peak = _peak_rss_mb()
-            self.measure = "peak_rss_per_step" if self._resettable else "peak_rss_process"
+            high = _status_mb("VmHWM")
+            if high is None or self._start_mb is None:
+                return  # not Linux: no resident-memory figures to read
+            peak = high - self._start_mb
+            self.measure = "rss_rise_per_step" if self._resettable else "rss_rise_process"
         self.peak_mb = max(self.peak_mb, peak)
 
     def metrics(self) -> dict[str, Any]:
         if not self.measure:
             return {}
-        return {"memory": {"train_peak_mb": round(self.peak_mb, 1), "measure": self.measure}}
+        out = {"train_peak_mb": round(self.peak_mb, 1), "measure": self.measure}
+        if self._start_mb is not None:
+            out["start_mb"] = round(self._start_mb, 1)
+        return {"memory": out}

@@ -31,6 +31,11 @@ def _logits_buffer(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
     return kept[:rows]
 
 
+def release_logits_buffer() -> None:
+    """Drop the kept CPU buffer: a run that measures its own memory (PeakMemory) then allocates, and counts, its own."""
+    _CPU_BUFFER.clear()
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]

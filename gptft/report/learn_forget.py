@@ -148,8 +148,8 @@ def learn_forget_section(groups: list[Group]) -> list[str]:
     shown = points(groups)
     measure = {
         "cuda_max_allocated": "torch.cuda.max_memory_allocated of the training steps",
-        "peak_rss_per_step": "the process's peak resident memory during the training steps",
-        "peak_rss_process": "the process's peak resident memory",
+        "rss_rise_per_step": "the rise of resident memory above the run's start during the training steps",
+        "rss_rise_process": "the rise of the process's peak resident memory above the run's start",
     }.get(shown[0].memory_measure, "")
     lines = [
         "## Learning versus forgetting",
