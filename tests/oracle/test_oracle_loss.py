@@ -1,7 +1,8 @@
 """Oracles for the losses a run reports: held-out loss and perplexity (book windows and masked question/answer
 pairs, validation batches that do and do not divide the set), the first step's train loss, the forgetting probe's
-reference loss and KL(base ‖ tuned) under bf16-mixed training, the validation cadence under accumulation and the
-data fingerprint of one batch split two ways.
+reference loss and KL(base ‖ tuned) under bf16-mixed training, the validation cadence under accumulation, the
+data fingerprint of one batch split two ways, and exact match end to end (the greedy answers a run saved, generated
+again with transformers' `generate`, scored with lm-evaluation-harness's GSM8K extraction).
 
 Each number is computed again from what the run saved (metrics.json's recorded window starts and pair indices,
 hf_model/, the data files in ../shared/data) with plain torch and transformers (its own GPT-2 tokenizer) in fp64: nothing here
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from independent import DATA, EOT, book_ids, encode
+from independent import DATA, EOT, book_ids, decode, encode
 
 SEQ_LEN = 64
 
@@ -127,6 +128,9 @@ def _masked_loss(path: Path, rows: list[tuple[list[int], int]]) -> float:
     return total / count
 
 
+EXACT_MATCH = ["callbacks.exact_match.questions=3", "callbacks.exact_match.max_new_tokens=12"]
+
+
 @pytest.fixture(scope="module")
 def qa_runs(run_ok, base_dir, tmp_path_factory) -> dict[str, Path]:
     """The same 16 pairs per step as one batch of 8 and as 2 × 4 (accumulation); 13 validation pairs."""
@@ -146,7 +150,7 @@ def qa_runs(run_ok, base_dir, tmp_path_factory) -> dict[str, Path]:
             "trainer.val_check_interval=2",
             "eval.repeats=0",
             "eval.prompts=[]",
-            "~callbacks.exact_match",
+            *(EXACT_MATCH if name == "whole" else ["~callbacks.exact_match"]),
             "callbacks.reference.kl_tokens=0",
             "callbacks.reference.windows=1",
             f"hydra.run.dir={out}",
@@ -211,3 +215,36 @@ def test_forgetting_probe_is_fp32_under_bf16_training(bf16_run, base_dir):
     # fp32 against fp64 differs by a few 1e-8 here (rounding of log-probabilities near 11 that do not cancel).
     assert 1e-6 < kl < 1e-4
     assert record["after"]["ref_kl"] == pytest.approx(kl, rel=2e-2)
+
+
+def _final_number(text: str) -> float | None:
+    """lm-evaluation-harness's flexible extract for GSM8K: the last number written (its own regex)."""
+    found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+    if not found:
+        return None
+    number = [g for g in found[-1] if g][0].strip("$.,").replace(",", "").replace("$", "")
+    try:
+        return float(number)
+    except ValueError:
+        return None
+
+
+@torch.no_grad()
+def test_exact_match_answers_and_rate_equal_an_independent_computation(qa_runs, base_dir):
+    run = qa_runs["whole"]
+    record = json.loads((run / "metrics.json").read_text())
+    references = {json.loads(line)["answer"] for line in (DATA / "qa" / "gsm8k_test.jsonl").read_text().splitlines()}
+    for when, model_dir in (("before", base_dir), ("after", run / "hf_model")):
+        rows = [json.loads(line) for line in (run / "samples" / f"exact_match_{when}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 and all(r["reference"] in references for r in rows)
+        model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # greedy: transformers' own generate
+        hits = []
+        for row in rows:
+            prompt = torch.tensor([encode(f"QUESTION: {row['question']} ANSWER:")])
+            out = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=EOT, eos_token_id=EOT)
+            new = out[0, prompt.size(1) :].tolist()
+            text = decode(new[: new.index(EOT)] if EOT in new else new).split("QUESTION:", 1)[0]
+            assert row["answer"] == text, when
+            expected = _final_number(row["reference"].rsplit("####", 1)[1])
+            hits.append(_final_number(text) == expected)
+        assert record[when]["exact_match"] == pytest.approx(sum(hits) / len(hits), abs=1e-12), when
