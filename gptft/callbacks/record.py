@@ -16,7 +16,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from gptft.errors import StoppedEarly
-from gptft.utils.clock import device_clock
+from gptft.utils.clock import Mark, mark, seconds
 from gptft.utils.io import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -46,8 +46,8 @@ class RunRecord(L.Callback):
     What it measures (train losses, step times, labelled tokens, the batches' fingerprint, train/validation/fit
     time) is part of every checkpoint (Lightning's callback state), so a run stopped and resumed any number of
     times reports the same numbers as one that ran straight through (its timings aside). Within a segment, step
-    losses are kept as detached device tensors and read at a checkpoint or at the end: recording adds no
-    device sync to the training step.
+    losses are kept as detached device tensors and step ends as clock marks (CUDA events), read at a validation,
+    a checkpoint or the end: recording adds no device sync to the training step.
     """
 
     def __init__(self, path: str | Path, config: dict[str, Any] | None = None, resume: bool = False):
@@ -61,7 +61,13 @@ class RunRecord(L.Callback):
         }  # fmt: skip
         self._losses: list[torch.Tensor] = []  # this segment's step losses, not yet read from the device
         self._last_step = -1
-        self._t_fit = self._t_first = self._t_last = self._t_step = self._t_val_start = 0.0
+        self._t_fit = self._t_val_start = 0.0
+        # This segment's first step start, latest step end and current step start, and the (start, end) marks of
+        # the steps not yet read: gptft.utils.clock marks, which wait for nothing.
+        self._t_first: Mark | None = None
+        self._t_last: Mark | None = None
+        self._t_step: Mark | None = None
+        self._steps: list[tuple[Mark, Mark]] = []
         self._val_s = 0.0
 
     def write(self) -> None:
@@ -77,13 +83,17 @@ class RunRecord(L.Callback):
         self._state = {**self._state, **state_dict}
 
     def _settle(self) -> None:
-        """Move this segment's device tensors into the plain lists a checkpoint holds (one sync)."""
+        """Move this segment's device tensors and step marks into the plain lists a checkpoint holds (one sync)."""
         if self._losses:
             self._state["losses"] += torch.stack(self._losses).float().cpu().tolist()
             self._losses = []
+        self._state["step_s"] += [seconds(start, end) for start, end in self._steps]
+        self._steps = []
 
     def _train_s(self) -> float:
-        segment = self._t_last - self._t_first - self._val_s if self._t_first else 0.0
+        if self._t_first is None or self._t_last is None:
+            return self._state["train_s"]
+        segment = seconds(self._t_first, self._t_last) - self._val_s
         return self._state["train_s"] + max(segment, 0.0)
 
     def _val_total(self) -> float:
@@ -124,8 +134,8 @@ class RunRecord(L.Callback):
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        if not self._t_first:
-            self._t_first = self._t_step = device_clock(pl_module.device)
+        if self._t_first is None:
+            self._t_first = self._t_step = mark(pl_module.device)
             self._gather_and_write(trainer)  # the "before" probe survives a crash
 
     def on_train_batch_end(
@@ -137,8 +147,8 @@ class RunRecord(L.Callback):
         self._losses.append(pl_module.step_loss)
         self._state["tokens"] += batch[2]  # labelled tokens of the whole step, all ranks (a plain int)
         self._state["step_digests"].append(batch[3])  # what the whole step trained on, however it was split
-        self._t_last = device_clock(pl_module.device)
-        self._state["step_s"].append(self._t_last - self._t_step)
+        self._t_last = mark(pl_module.device)
+        self._steps.append((self._t_step, self._t_last))
         self._t_step = self._t_last
 
     # Periodic validation runs inside the training span; its time is not training time.
@@ -146,10 +156,10 @@ class RunRecord(L.Callback):
         self._t_val_start = time.perf_counter()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._t_first:
-            elapsed = time.perf_counter() - self._t_val_start
-            self._val_s += elapsed
-            self._t_step += elapsed  # the next step's time starts after validation
+        if self._t_first is not None:
+            self._val_s += time.perf_counter() - self._t_val_start
+            self._t_step = mark(pl_module.device)  # the next step's time starts after validation
+            self._settle()  # validation synced the device already: read the marks, hold no events for long
             self.data["steps"] = trainer.global_step
             self._gather_and_write(trainer)  # progress on disk at every validation
 
