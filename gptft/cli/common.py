@@ -197,11 +197,19 @@ def model_from_checkpoint(run: Path, checkpoint: Path, config: dict[str, Any]) -
 # ---------------------------------------------------------------- options every command shares
 
 
+class _Parser(argparse.ArgumentParser):
+    """Options anywhere: `gptft-generate RUN --seed 3 "The king"` as well as after the prompts (plain parse_args
+    ends a positional with nargs="*" at the first option, and calls the words after it unrecognized)."""
+
+    def parse_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's own signature)
+        return self.parse_intermixed_args(args, namespace)
+
+
 def parser(
     prog: str, description: str, epilog: str = "", source: tuple[str, str] = ("SOURCE", SOURCE_HELP)
 ) -> argparse.ArgumentParser:
     """A command's parser; its first argument is SOURCE (`source`: another name and help for it)."""
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog=prog,
         description=description,
         epilog=epilog,

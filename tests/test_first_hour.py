@@ -1,0 +1,43 @@
+"""What a newcomer meets in the first hour (issue 26): outputs others can read, options in any order, sweep
+folders named by what they sweep, probes that say what they cost, a refused setting that leaves nothing behind."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+
+from gptft.utils.io import atomic_write_text
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_are_readable_as_the_umask_says(tmp_path, umask):
+    old = os.umask(umask)
+    try:
+        path = atomic_write_text(tmp_path / "metrics.json", "{}\n")
+        plain = tmp_path / "plain.txt"
+        plain.write_text("{}\n")  # what open() gives: 0o666 less the umask
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE(plain.stat().st_mode) == 0o666 & ~umask
+
+
+@pytest.mark.parametrize(
+    ("module", "argv", "expected"),
+    [
+        (
+            "generate",
+            ["RUN", "--seed", "3", "--max-new-tokens", "12", "The king", "--num-samples", "2"],
+            {"source": "RUN", "prompts": ["The king"], "seed": 3, "max_new_tokens": 12, "num_samples": 2},
+        ),
+        ("evaluate", ["--book", "2701", "RUN", "--batch-size", "2"], {"source": "RUN", "book": 2701, "batch_size": 2}),
+        ("export", ["--checkpoint", "last", "RUN"], {"source": "RUN", "checkpoint": "last"}),
+        ("chat", ["--max-new-tokens", "5", "RUN"], {"source": "RUN", "max_new_tokens": 5}),
+    ],
+)
+def test_command_options_go_before_or_after_the_positionals(module, argv, expected):
+    import importlib
+
+    args = importlib.import_module(f"gptft.cli.{module}").build_parser().parse_args(argv)
+    assert {k: getattr(args, k) for k in expected} == expected
