@@ -57,7 +57,9 @@ wheels:
 lint: setup
 	$(VENV)/bin/ruff check .
 
-tensorboard: setup
+# Sets up only where nothing is installed: serving curves never reinstalls because pyproject.toml changed.
+tensorboard:
+	@test -x $(VENV)/bin/tensorboard || $(MAKE) setup
 	$(VENV)/bin/tensorboard --logdir outputs
 
 clean:

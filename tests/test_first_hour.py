@@ -31,7 +31,11 @@ def test_atomic_writes_are_readable_as_the_umask_says(tmp_path, umask):
             ["RUN", "--seed", "3", "--max-new-tokens", "12", "The king", "--num-samples", "2"],
             {"source": "RUN", "prompts": ["The king"], "seed": 3, "max_new_tokens": 12, "num_samples": 2},
         ),
-        ("evaluate", ["--book", "2701", "RUN", "--batch-size", "2"], {"source": "RUN", "book": 2701, "batch_size": 2}),
+        (
+            "evaluate",
+            ["--book", "2701", "RUN", "--batch-size", "2"],
+            {"source": "RUN", "book": 2701, "batch_size": 2},
+        ),
         ("export", ["--checkpoint", "last", "RUN"], {"source": "RUN", "checkpoint": "last"}),
         ("chat", ["--max-new-tokens", "5", "RUN"], {"source": "RUN", "max_new_tokens": 5}),
     ],
@@ -41,3 +45,25 @@ def test_command_options_go_before_or_after_the_positionals(module, argv, expect
 
     args = importlib.import_module(f"gptft.cli.{module}").build_parser().parse_args(argv)
     assert {k: getattr(args, k) for k in expected} == expected
+
+
+def test_make_tensorboard_never_reinstalls(tmp_path):
+    import shutil
+    import subprocess
+    import time
+
+    from conftest import REPO
+
+    if shutil.which("make") is None:
+        pytest.skip("no make on this machine")
+    shutil.copy(REPO / "Makefile", tmp_path / "Makefile")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    (tmp_path / ".venv" / ".installed").touch()
+    (tmp_path / ".venv" / "bin" / "tensorboard").touch(mode=0o755)
+    time.sleep(0.01)
+    (tmp_path / "pyproject.toml").touch()  # changed since the environment was installed
+    # -n prints what make would run (and runs the lines that call make again, which the test would see).
+    planned = subprocess.run(
+        ["make", "-n", "tensorboard"], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert "install" not in planned.stdout and "tensorboard --logdir outputs" in planned.stdout
