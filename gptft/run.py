@@ -27,6 +27,51 @@ def _slug(text: str, limit: int = 100) -> str:
     return re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", text)[:limit].strip("_") or "job"
 
 
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("+~")
+
+
+def job_name(overrides: Sequence[str], swept: Sequence[str], limit: int = 120) -> str:
+    """A sweep job's folder name: the swept settings first, whole, then the others (sorted) as far as `limit`
+    allows, so every job of a sweep reads apart in `ls` and TensorBoard however long the command line."""
+    lead = [o for key in swept for o in overrides if _key(o) == key]
+    rest = sorted(o for o in overrides if o not in lead)
+    head = re.sub(r"[^A-Za-z0-9=.,_+-]+", "_", ",".join(lead)).strip("_")
+    tail = _slug(",".join(rest), max(limit - len(head) - 1, 0)) if rest else ""
+    return ",".join(part for part in (head, tail) if part) or "job"
+
+
+def _swept_on_command_line(argv: Sequence[str]) -> list[str]:
+    """The keys a `-m` command line sweeps (a,b / range() / choice() / glob()), in its order."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser, keys = OverridesParser.create(), []
+    for arg in argv:
+        if arg.startswith("-") or "=" not in arg:
+            continue
+        try:
+            override = parser.parse_override(arg)
+        except Exception:  # not an override (a flag's value): nothing to name a job by
+            continue
+        if override.is_sweep_override():
+            keys.append(override.key_or_group)
+    return keys
+
+
+def _sweep_job_name(root: DictConfig) -> str:
+    """`hydra.sweep.subdir`'s name part, from the job's overrides: the keys the experiment sweeps
+    (hydra.sweeper.params) and those the command line sweeps lead. (A Slurm job resolves its folder in another
+    process, whose command line is not the user's: there the experiment's keys lead, the others follow sorted.)"""
+    hydra_cfg = root.hydra
+    excluded = set(OmegaConf.select(hydra_cfg, "job.config.override_dirname.exclude_keys") or [])
+    overrides = [
+        o for o in hydra_cfg.overrides.task if _key(o) not in excluded and not _key(o).startswith("hydra.")
+    ]
+    swept = list(OmegaConf.select(hydra_cfg, "sweeper.params") or {})
+    swept += [k for k in _swept_on_command_line(sys.argv[1:]) if k not in swept]
+    return job_name(overrides, swept)
+
+
 def _first(*values: Any) -> Any:
     """The first value that is set (the resumed run's folder, else a new timestamped one)."""
     return next((v for v in values if v is not None), None)
@@ -40,6 +85,7 @@ def _hydra_subdir(resume: str | None) -> str:
 
 
 OmegaConf.register_new_resolver("gptft_slug", _slug, replace=True)
+OmegaConf.register_new_resolver("gptft_sweep_job", lambda _root_: _sweep_job_name(_root_), replace=True)
 OmegaConf.register_new_resolver("gptft_first", _first, replace=True)
 OmegaConf.register_new_resolver("gptft_hydra_subdir", _hydra_subdir, replace=True)
 # conf/hydra/launcher/submitit_*.yaml extend the submitit plugin's configs of the same names on purpose: Hydra
@@ -56,7 +102,10 @@ def _without(node: DictConfig, *keys: str) -> DictConfig:
 def _val_check_in_batches(trainer_cfg: DictConfig) -> dict[str, Any]:
     """trainer.val_check_interval counts optimizer steps (as the README says); Lightning counts training batches,
     which under accumulation would validate inside an optimizer step: give Lightning steps × accumulation."""
-    interval, accumulate = trainer_cfg.get("val_check_interval"), trainer_cfg.get("accumulate_grad_batches", 1)
+    interval, accumulate = (
+        trainer_cfg.get("val_check_interval"),
+        trainer_cfg.get("accumulate_grad_batches", 1),
+    )
     if isinstance(interval, int) and not isinstance(interval, bool) and accumulate > 1:
         return {"val_check_interval": interval * accumulate}
     return {}

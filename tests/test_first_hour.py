@@ -67,3 +67,49 @@ def test_make_tensorboard_never_reinstalls(tmp_path):
         ["make", "-n", "tensorboard"], cwd=tmp_path, capture_output=True, text=True, check=True
     )
     assert "install" not in planned.stdout and "tensorboard --logdir outputs" in planned.stdout
+
+
+def _job_folder(*overrides: str) -> str:
+    """The sweep job's folder name Hydra makes from the composed config (what a multirun's launcher resolves)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import gptft.run  # noqa: F401 (registers the resolvers the config names)
+
+    from conftest import REPO
+
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("config", [*overrides, "hydra.job.num=3"], return_hydra_config=True)
+    return OmegaConf.select(cfg, "hydra.sweep.subdir")
+
+
+def test_sweep_folders_start_with_the_swept_keys_and_never_cut_their_values():
+    # learn_forget sweeps freeze= by itself (hydra.sweeper.params); a long command line came first before, cut the
+    # swept value off at 100 characters, and left four jobs that TensorBoard could not tell apart.
+    settings = [
+        "data.batch_size=8", "data.book=2701", "data.seq_len=128", "eval.max_new_tokens=30", "eval.repeats=2",
+        "eval.free_prompts=5", "data.val_windows=8", "trainer.max_steps=30", "optim.lr=0.001",
+    ]  # fmt: skip
+    name = _job_folder("experiment=learn_forget", *settings, "freeze=late_attention")
+    assert name.startswith("3_freeze=late_attention,"), name
+    assert len(name) <= len("3_") + 120 and "experiment" not in name
+    # A sweep on the command line: its key leads too (gptft.run reads which keys the command line sweeps).
+    from gptft.run import _swept_on_command_line, job_name
+
+    argv = [
+        "-m",
+        "experiment=lr_sweep",
+        "seed=range(1,3)",
+        "optim.lr=1e-4,1e-5",
+        "data.book=[829]",
+        "--cfg",
+        "job",
+    ]
+    assert _swept_on_command_line(argv) == ["seed", "optim.lr"]
+
+    job = ["data.batch_size=8", "optim.lr=1e-05", "seed=2"]
+    assert job_name(job, swept=["seed", "optim.lr"]) == "seed=2,optim.lr=1e-05,data.batch_size=8"
+    assert (
+        job_name(["model.name_or_path=outputs/q/hf_model"], swept=[])
+        == "model.name_or_path=outputs_q_hf_model"
+    )
