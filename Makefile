@@ -19,7 +19,7 @@ WHEELS   ?=
 WHEELS_PY       ?= 3.11
 WHEELS_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: setup run test bench gpu-check wheels lint tensorboard clean
+.PHONY: setup run test bench gpu-check wheels lint tensorboard dashboard clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,16 @@ lint: setup
 tensorboard:
 	@test -x $(VENV)/bin/tensorboard || $(MAKE) setup
 	$(VENV)/bin/tensorboard --logdir outputs
+
+# optuna-dashboard (Optuna's own browser dashboard) on a search's study: make dashboard STUDY=<study folder>, then
+# open http://127.0.0.1:8080 (PORT=... for another port). It reads study.db while workers write it. Like
+# tensorboard, it sets up only where optuna-dashboard is missing.
+STUDY ?=
+PORT  ?= 8080
+dashboard:
+	@test -x $(VENV)/bin/optuna-dashboard || $(MAKE) setup
+	@test -f "$(STUDY)/study.db" || { echo "make dashboard: STUDY=$(STUDY) holds no study.db: give STUDY=<the folder of a python -m gptft.search study>" >&2; exit 2; }
+	$(VENV)/bin/optuna-dashboard sqlite:///$(abspath $(STUDY))/study.db --host 127.0.0.1 --port $(PORT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
