@@ -74,6 +74,50 @@ def test_under_no_grad_it_is_the_loss_alone():
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+def test_chunked_loss_under_bf16_autocast_is_within_bf16_precision():
+    """Under bf16 autocast the loss's three products take bf16 inputs (on a CPU: oneDNN's bf16 math mode on fp32
+    tensors, which the loss sets for its products and restores), the log-sum-exp and the sums stay fp32. Against
+    fp64: a product of inputs each rounded to bf16 (8 significant bits, u = 2⁻⁸) errs by ≤ 2u relative per term,
+    so the loss and both gradients must agree within 2u (here: 1e-4, 0.20% and 0.22%; a chunk dropped or scaled
+    wrong errs by tens of percent)."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(70, 64, generator=g, requires_grad=True)
+    weight = (torch.randn(1000, 64, generator=g) / 4).requires_grad_()  # logits of spread ≈ 2, as a trained head's
+    labels = torch.randint(0, 1000, (70,), generator=g)
+    labels[:6] = -100
+    flag = torch.backends.mkldnn.matmul.fp32_precision
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk=32)  # 70 rows: 3 chunks, one short
+    assert torch.backends.mkldnn.matmul.fp32_precision == flag and loss.dtype == torch.float32
+    grads = torch.autograd.grad(2 * loss, (hidden, weight))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels)
+    refs = torch.autograd.grad(2 * ref, (h64, w64))
+    u = 2.0**-8
+    assert abs(loss.item() - ref.item()) / ref.item() <= 2 * u
+    for ours, exact in zip(grads, refs, strict=True):
+        assert ours.dtype == torch.float32
+        assert (ours.double() - exact).norm() / exact.norm() <= 2 * u
+
+
+def test_gpt2_activation_is_torchs_kernel_computing_the_same_function(tiny_model_dir):
+    """build_model swaps transformers' gelu_new (8 tensor operations in Python) for torch's tanh-GELU kernel: the
+    same function, so the logits equal those of transformers' own model within fp32 rounding, and the config
+    (what an exported model says) still names gelu_new."""
+    from transformers import AutoModelForCausalLM
+    from transformers.activations import NewGELUActivation
+
+    model = build_model(name_or_path=str(tiny_model_dir)).eval()
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="sdpa").eval()
+    assert [type(m).__name__ for m in reference.modules()].count("NewGELUActivation") == len(reference.transformer.h)
+    assert not any(isinstance(m, NewGELUActivation) for m in model.modules())
+    assert model.config.activation_function == "gelu_new"
+    x = torch.randint(0, 50257, (2, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ours, theirs = model(input_ids=x).logits, reference(input_ids=x).logits
+    assert (ours - theirs).norm() / theirs.norm() <= 1e-6
+
+
 def test_training_curves_match_with_and_without_chunking(run_ok, tmp_path):
     no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
     curves = {}
