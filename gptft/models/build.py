@@ -124,6 +124,7 @@ def build_model(
         log.info("built %s from its config, random init", config.model_type)
     # fp32 master weights; train mode, as from_pretrained leaves eval mode (dropout off) and Lightning keeps it.
     model = model.to(torch.float32).train()
+    fuse_gelu(model)
     if gradient_checkpointing:
         # Non-reentrant: works when the inputs need no grad (token ids) and with frozen blocks. Training
         # passes use_cache=False itself; config.use_cache stays, so the exported model still generates fast.
@@ -142,6 +143,23 @@ def build_model(
         # as CausalLM's chunked loss runs it chunk by chunk outside the model.
         model.base_model.compile(backend=backend)
     return model
+
+
+def fuse_gelu(model: torch.nn.Module) -> int:
+    """GPT-2's activation, gelu_new, is GELU's tanh approximation written as 8 tensor operations in Python
+    (transformers' NewGELUActivation): 8 passes over the 4·d-wide activations forward, more in backward, each
+    rounded to bf16 under autocast. torch's F.gelu(approximate="tanh") is the same function in one kernel (computed
+    in fp32 inside), its gradient in one: swapped in module by module, so the config, and a model exported from
+    the run, still say gelu_new. Returns how many were swapped."""
+    from transformers.activations import ACT2FN, NewGELUActivation
+
+    swapped = 0
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+                swapped += 1
+    return swapped
 
 
 def export_hf_model(model: PreTrainedModel, folder: str | Path) -> Path:
