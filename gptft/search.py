@@ -3,10 +3,11 @@ experiment.
 
 Each trial is a normal gptft run (the config composed with Hydra's compose API, `gptft.run.train` called in this
 process) in its own folder under the study's folder; the study itself is the SQLite file `study.db` there, so the
-same command continues it after a crash (finished trials are never rerun; a trial that died while running is
-retried with the same settings), and several processes (one per GPU) can share it. Trials are pruned at
-validation points by Optuna's median pruner on `val/loss`. At the end: the sweep report over the trials
-(`gptft.report.write_report`) plus the study's best settings, its history and the settings' importances.
+same command continues it after a crash (finished trials are never rerun; a trial that was stopped or died while
+running is retried with the same settings, from its checkpoint), and any number of processes started at once
+(one per GPU) share it. Trials are pruned at validation points by Optuna's median pruner on `val/loss`. At the
+end: the sweep report over the trials (`gptft.report.write_report`) plus the study's best settings, its history
+and the settings' importances. `make dashboard STUDY=<study folder>` serves the study in optuna-dashboard.
 
 Search spaces (one `--space` per setting; any config key or group, as on gptft.run's command line):
     optim.lr=log(1e-5,1e-2)          log-uniform float        optim.weight_decay=float(0,0.1)   uniform float
@@ -20,25 +21,31 @@ import hashlib
 import json
 import logging
 import math
+import os
 import re
+import signal
+import socket
 import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import lightning as L
 import optuna
+from filelock import FileLock
 from optuna_integration import PyTorchLightningPruningCallback
 
-from gptft.errors import ConfigError, Diverged, StoppedEarly
+from gptft.errors import ConfigError, Diverged, Interrupted, StoppedEarly
 
 log = logging.getLogger("gptft.search")
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 KINDS = ("log", "float", "int", "choice")
-FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+State = optuna.trial.TrialState
+FINISHED = (State.COMPLETE, State.PRUNED)
 
 
 @dataclass(frozen=True)
@@ -60,8 +67,21 @@ class Space:
         """Values that bound the space (every choice; both ends of a range): checked before any trial runs."""
         return list(self.args)
 
+    def override(self, value: Any) -> str:
+        return override(self.key, value)
+
     def __str__(self) -> str:
-        return f"{self.key}={self.kind}({','.join(map(str, self.args))})"
+        return f"{self.key}={self.kind}({','.join(map(_text, self.args))})"
+
+
+def _text(value: Any) -> str:
+    """A value as gptft.run's command line reads it back: None is Hydra's null (its "None" is a string)."""
+    return "null" if value is None else repr(value) if isinstance(value, float) else str(value)
+
+
+def override(key: str, value: Any) -> str:
+    """The command-line override that gives a trial (or gptft.run) `value`."""
+    return f"{key}={_text(value)}"
 
 
 def _value(text: str) -> Any:
@@ -103,10 +123,6 @@ def parse_space(spec: str) -> Space:
     if kind == "log" and low <= 0:
         raise ConfigError(f"--space {spec!r}: a log range needs low > 0, e.g. {key}=log(1e-6,{high})")
     return Space(key, kind, (float(low), float(high)) if kind != "int" else (low, high))
-
-
-def _override(key: str, value: Any) -> str:
-    return f"{key}={'null' if value is None else value!r}" if isinstance(value, float) else f"{key}={value}"
 
 
 def compose(overrides: Sequence[str], output_dir: Path | None = None) -> Any:
@@ -154,9 +170,17 @@ def check_definition(overrides: Sequence[str], spaces: Sequence[Space]) -> None:
             )
         for value in space.ends():
             try:
-                validate(compose([*overrides, _override(space.key, value)]))
+                cfg = compose([*overrides, space.override(value)])
+                validate(cfg)
             except ConfigError as e:
                 raise ConfigError(f"--space {space}: at {space.key}={value}: {e}") from None
+            # The trial must get the value the study records (a group choice selects a whole node instead).
+            got = OmegaConf.select(cfg, space.key)
+            if not OmegaConf.is_config(got) and got != value:
+                raise ConfigError(
+                    f"--space {space}: {space.override(value)} sets {space.key} to {got!r}, not {value!r}: "
+                    "write the value as gptft.run's command line reads it (null for None)"
+                )
 
 
 def measure(metrics: dict[str, Any], name: str) -> float:
@@ -204,8 +228,17 @@ def _mark_pruned(folder: Path, why: str) -> None:
         atomic_write_json(file, data)
 
 
+def _retry(trial: optuna.Trial) -> None:
+    """Queue `trial` to run again with its settings and its folder (user attrs), as Optuna's heartbeat retries
+    a trial whose process died: the same system attrs, so `retried_trial_number` finds the trial it repeats."""
+    frozen = next(t for t in trial.study.get_trials(deepcopy=False) if t.number == trial.number)
+    optuna.storages.RetryHeartbeatStaleTrialCallback()(trial.study, frozen)
+
+
 class Objective:
-    """One trial: compose the trial's config, train it in this process, return its measure."""
+    """One trial: compose the trial's config (or, for a retried trial with a checkpoint, take its folder's), train
+    it in this process, return its measure. `lock`, the study's, is held by the caller when the trial starts and
+    let go once the trial's settings are drawn; it is taken again to queue a stopped trial's retry."""
 
     def __init__(
         self,
@@ -214,23 +247,38 @@ class Objective:
         folder: Path,
         metric: str,
         prune_on: str | None,
+        lock: FileLock,
     ) -> None:
         self.overrides, self.spaces, self.folder = list(overrides), list(spaces), folder
-        self.metric, self.prune_on = metric, prune_on
+        self.metric, self.prune_on, self.lock = metric, prune_on, lock
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def _config(self, trial: optuna.Trial, params: list[str]) -> tuple[Any, Path]:
+        """A retry of a trial that left a checkpoint continues that trial's run; any other trial starts one."""
         from omegaconf import OmegaConf
 
-        from gptft.run import _slug, train
+        from gptft.config import resumed_config
+        from gptft.run import _slug
         from gptft.utils.io import atomic_write_text
 
-        params = [_override(s.key, s.suggest(trial)) for s in self.spaces]
+        earlier = trial.user_attrs.get("run_dir")  # set only on a retry: the folder of the trial it repeats
+        if earlier and (Path(earlier) / "checkpoints" / "last.ckpt").is_file():
+            log.info("trial %d: continuing %s from its checkpoint", trial.number, earlier)
+            return resumed_config(OmegaConf.create({"resume": earlier}), []), Path(earlier)
         run = self.folder / f"{trial.number:03d}_{_slug(','.join(params), 80)}"
         trial.set_user_attr("run_dir", str(run))
         cfg = compose([*self.overrides, *params], output_dir=run)
         # What Hydra's run_job would leave, so the report labels trials and `gptft.run resume=<trial>` works.
         atomic_write_text(run / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg))
         atomic_write_text(run / ".hydra" / "overrides.yaml", OmegaConf.to_yaml([*self.overrides, *params]))
+        return cfg, run
+
+    def __call__(self, trial: optuna.Trial) -> float:
+        from gptft.run import train
+
+        params = [s.override(s.suggest(trial)) for s in self.spaces]
+        trial.set_user_attr("process", f"{socket.gethostname()}:{os.getpid()}")
+        self.lock.release()
+        cfg, run = self._config(trial, params)
         log.info("trial %d: %s → %s", trial.number, " ".join(params), run)
         handler = logging.FileHandler(run / "run.log")
         handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
@@ -238,6 +286,13 @@ class Objective:
         pruning = [StepPruning(trial, self.prune_on)] if self.prune_on else []
         try:
             metrics = train(cfg, pruning)
+        except (Interrupted, KeyboardInterrupt):
+            # Stopped from outside (SIGTERM, Ctrl-C), not the trial's fault: it runs again with its settings,
+            # from the checkpoint it just wrote, in whichever process takes the next trial.
+            with self.lock:
+                _retry(trial)
+            log.info("trial %d stopped: queued to continue from its checkpoint", trial.number)
+            raise
         except optuna.TrialPruned as pruned:
             _mark_pruned(run, str(pruned))
             log.info("trial %d %s", trial.number, pruned)
@@ -251,42 +306,86 @@ class Objective:
         return measure(metrics, self.metric)
 
 
+def definition(
+    overrides: Sequence[str], spaces: Sequence[str], metric: str, direction: str
+) -> dict[str, Any]:
+    """What makes a study this study, in one order whatever the command line's (Hydra reads overrides of
+    different keys in any order, and refuses two of one key): the folder's hash is of this, and a continuing
+    process's definition is compared with the saved one (kept in the order given, for the report) as this."""
+    return {
+        "overrides": sorted(overrides),
+        "spaces": sorted(spaces),
+        "metric": metric,
+        "direction": direction,
+    }
+
+
 def study_folder(overrides: Sequence[str], spaces: Sequence[Space], metric: str, direction: str) -> Path:
     """outputs/<experiment>/search_<hash of the definition>: the same command finds the same study."""
-    definition = json.dumps([sorted(overrides), sorted(map(str, spaces)), metric, direction])
+    what = definition(overrides, [str(s) for s in spaces], metric, direction)
+    text = json.dumps([what["overrides"], what["spaces"], metric, direction])
     name = compose(overrides).experiment_name
-    return Path("outputs") / str(name) / f"search_{hashlib.sha256(definition.encode()).hexdigest()[:10]}"
+    return Path("outputs") / str(name) / f"search_{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
+def study_lock(folder: Path) -> FileLock:
+    """The lock that processes sharing a study take to create its database and to claim each trial (an flock,
+    released by the system if its holder dies)."""
+    return FileLock(folder / "study.lock")
 
 
 def open_study(
-    folder: Path, definition: dict[str, Any], direction: str, seed: int | None, startup: int, heartbeat: int
+    folder: Path, given: dict[str, Any], startup: int, heartbeat: int, lock: FileLock | None = None
 ) -> optuna.Study:
-    """The study in `folder/study.db`, created or continued. SQLite with a busy timeout lets a few processes
-    (one per GPU) share it; a trial whose process died is noticed by its stale heartbeat, failed, and retried."""
+    """The study in `folder/study.db`, created or continued. Its first process creates the database's tables
+    while the others wait on the lock (SQLite cannot create one schema from two processes at once: Optuna's
+    known limit); a trial whose process died is noticed by its stale heartbeat, failed, and retried."""
     folder.mkdir(parents=True, exist_ok=True)
-    storage = optuna.storages.RDBStorage(
-        f"sqlite:///{folder.resolve() / 'study.db'}",
-        engine_kwargs={"connect_args": {"timeout": 60}},
-        heartbeat_interval=heartbeat,
-        grace_period=2 * heartbeat,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
-    )
-    study = optuna.create_study(
-        storage=storage,
-        study_name="gptft",
-        direction=direction,
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=seed),
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0),
-    )
-    saved = study.user_attrs.get("definition")
-    if saved is None:
-        study.set_user_attr("definition", definition)
-    elif saved != definition:
-        raise ConfigError(
-            f"--study-dir {folder} holds a study of other settings ({saved}): give a new --study-dir"
+    with lock or study_lock(folder):
+        storage = optuna.storages.RDBStorage(
+            f"sqlite:///{folder.resolve() / 'study.db'}",
+            engine_kwargs={"connect_args": {"timeout": 60}},
+            heartbeat_interval=heartbeat,
+            grace_period=2 * heartbeat,
+            heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2),
         )
+        study = optuna.create_study(
+            storage=storage,
+            study_name="gptft",
+            direction=given["direction"],
+            load_if_exists=True,
+            pruner=optuna.pruners.MedianPruner(n_startup_trials=startup, n_warmup_steps=0),
+        )
+        saved = study.user_attrs.get("definition")
+        if saved is None:
+            study.set_user_attr("definition", given)
+        elif definition(**saved) != definition(**given):
+            raise ConfigError(
+                f"--study-dir {folder} holds a study of other settings ({saved}): give a new --study-dir"
+            )
     return study
+
+
+def trial_sampler(seed: int | None, trials: int) -> optuna.samplers.BaseSampler:
+    """The sampler that draws the study's next trial (its `trials`-th). Seeded from (seed, trials), not from the
+    seed alone: a process that continues the study, or a second process given the same seed, would otherwise
+    repeat the first trials' draws (TPE samples at random, from its own seeded generator, until it has enough
+    trials); TPE reads the rest from the study's history."""
+    if seed is None:
+        return optuna.samplers.TPESampler()
+    mixed = int(hashlib.sha256(f"{seed}:{trials}".encode()).hexdigest()[:8], 16)
+    return optuna.samplers.TPESampler(seed=mixed)
+
+
+def _due(study: optuna.Study, budget: int) -> bool:
+    """Whether another trial is due: a retry waits, or fewer than `budget` trials are finished or running.
+    Called under the study's lock, so no two processes claim the last trial of the budget."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)  # a dead process's trial holds no place in the budget
+    trials = study.get_trials(deepcopy=False, states=(*FINISHED, State.RUNNING, State.WAITING))
+    waiting = sum(t.state == State.WAITING for t in trials)
+    return waiting > 0 or len(trials) < budget
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -323,7 +422,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--startup-trials", type=int, default=5, help="trials that finish before pruning starts"
     )
-    parser.add_argument("--seed", type=int, default=None, help="the sampler's seed (one per process)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="the sampler's seed; each trial's draw is seeded from it and the trial's number, so every process "
+        "may get the same one",
+    )
     parser.add_argument(
         "--heartbeat",
         type=int,
@@ -334,7 +439,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 
 
 def search(args: argparse.Namespace) -> tuple[optuna.Study, Path]:
-    """Run (or continue) the study to its budget; return it and its folder."""
+    """Run (or continue) the study to its budget, in step with any other process on it; return the study and its
+    folder."""
     if args.trials < 1:
         raise ConfigError(f"--trials {args.trials}: the budget must be at least 1 trial")
     if args.heartbeat < 1:
@@ -350,24 +456,44 @@ def search(args: argparse.Namespace) -> tuple[optuna.Study, Path]:
     if prune_on is None and args.prune_on != "none":
         log.info("pruning off: --metric %s is measured only after training", args.metric)
     folder = args.study_dir or study_folder(args.overrides, spaces, args.metric, args.direction)
-    definition = {
+    given = {
         "overrides": list(args.overrides),
         "spaces": [str(s) for s in spaces],
         "metric": args.metric,
         "direction": args.direction,
     }
-    study = open_study(folder, definition, args.direction, args.seed, args.startup_trials, args.heartbeat)
+    lock = study_lock(folder)
+    study = open_study(folder, given, args.startup_trials, args.heartbeat, lock)
     done = len(study.get_trials(deepcopy=False, states=FINISHED))
     log.info("study %s: %d of %d trials finished", folder / "study.db", done, args.trials)
-    if done < args.trials:
-        study.optimize(
-            Objective(args.overrides, spaces, folder, args.metric, prune_on),
-            n_trials=args.trials - done,
-            # the budget is the study's, shared by every process that works on it
-            callbacks=[optuna.study.MaxTrialsCallback(args.trials, states=FINISHED)],
-            gc_after_trial=True,
-        )
+    # The lock is held from the budget's count until the new trial's settings are drawn (the objective lets go):
+    # processes take trials one at a time, so the budget is never overrun and each draw sees the ones before it.
+    objective = Objective(args.overrides, spaces, folder, args.metric, prune_on, lock)
+    while True:
+        lock.acquire()
+        try:
+            if not _due(study, args.trials):
+                break
+            study.sampler = trial_sampler(args.seed, len(study.get_trials(deepcopy=False)))
+            study.optimize(objective, n_trials=1, gc_after_trial=True)
+        finally:
+            if lock.is_locked:  # the trial never reached its draw, or the budget was spent
+                lock.release()
     return study, folder
+
+
+def busy(study: optuna.Study, folder: Path) -> int:
+    """Trials that other processes are running or will run: the study's report waits for the last of them."""
+    with study_lock(folder):
+        return len(study.get_trials(deepcopy=False, states=(State.RUNNING, State.WAITING)))
+
+
+def _stop_outside_training(signum: int, frame: FrameType | None) -> None:
+    """SIGTERM between trials, or in a trial before or after its training, stops the search as Ctrl-C would.
+    During training Lightning's handler runs first and calls this one: there gptft.run's SafeStop ends the step
+    and writes the checkpoint, so this one does nothing."""
+    if signal.getsignal(signal.SIGTERM) is _stop_outside_training:
+        raise Interrupted("SIGTERM: stopped outside a training step")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -379,17 +505,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     # heartbeats and the matplotlib figures are "experimental" in Optuna's words, stable since 2.8 and 2.2
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    previous = signal.signal(signal.SIGTERM, _stop_outside_training)
     try:
         study, folder = search(args)
-        print(write_report(folder))
-        print(write_search_report(study, folder))
+        others = busy(study, folder)
+        if others:
+            print(
+                f"gptft: {others} trials of the study are running in other processes: the last to end writes the report"
+            )
+        else:
+            print(write_report(folder))
+            print(write_search_report(study, folder))
     except ConfigError as e:
         print(f"gptft: error: {e}", file=sys.stderr)
         sys.exit(2)
-    except StoppedEarly as stopped:
-        print(f"gptft: {stopped.status}: {stopped}", file=sys.stderr)
+    except (StoppedEarly, KeyboardInterrupt) as stopped:
+        status = stopped.status if isinstance(stopped, StoppedEarly) else "interrupted"
+        print(f"gptft: {status}: {stopped or 'Ctrl-C'}", file=sys.stderr)
         print("gptft: run the same command again to continue the study", file=sys.stderr)
-        sys.exit(stopped.exit_code)
+        sys.exit(stopped.exit_code if isinstance(stopped, StoppedEarly) else Interrupted.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

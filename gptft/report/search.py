@@ -11,24 +11,28 @@ from typing import Any
 import optuna
 
 from gptft.report.figures import plt, png_bytes
+from gptft.search import override
 from gptft.utils.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
 
 
-def _figures(study: optuna.Study) -> dict[str, Any]:
+def search_figures(study: optuna.Study, metric: str) -> dict[str, Any]:
     """history.png always (once a trial finished); importances.png when the finished trials tell the settings
-    apart (Optuna's PED-ANOVA needs at least two finished trials with different values)."""
+    apart (Optuna's PED-ANOVA needs at least two finished trials with different values). Both name the measure
+    (Optuna's default is "Objective Value") and are laid out again, so long setting names stay in the figure."""
     from optuna.visualization import matplotlib as vis
 
     figures: dict[str, Any] = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        figures["history"] = vis.plot_optimization_history(study).figure
+        figures["history"] = vis.plot_optimization_history(study, target_name=metric).figure
         try:
-            figures["importances"] = vis.plot_param_importances(study).figure
+            figures["importances"] = vis.plot_param_importances(study, target_name=metric).figure
         except (ValueError, RuntimeError) as e:  # too few finished trials, or a single value per setting
             log.info("no importances figure: %s", e)
+    for fig in figures.values():
+        fig.set_layout_engine("tight")  # drawn again at savefig, with the tick labels' real sizes
     return figures
 
 
@@ -66,7 +70,7 @@ def write_search_report(study: optuna.Study, folder: str | Path) -> str:
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     if complete:
         best = study.best_trial
-        overrides = [*definition.get("overrides", []), *(f"{k}={v}" for k, v in best.params.items())]
+        overrides = [*definition.get("overrides", []), *(override(k, v) for k, v in best.params.items())]
         lines += [
             f"**Best**: trial {best.number}, {definition.get('metric', 'value')} = {best.value:.5g}, "
             f"in `{Path(best.user_attrs.get('run_dir', '')).name}`",
@@ -83,7 +87,7 @@ def write_search_report(study: optuna.Study, folder: str | Path) -> str:
     }
     lines += [", ".join(f"{n} {k}" for k, n in counts.items() if n), "", *_trials_table(study), ""]
     if complete:
-        figures = _figures(study)
+        figures = search_figures(study, definition.get("metric", "value"))
         for name, fig in figures.items():
             atomic_write_bytes(out / f"{name}.png", png_bytes(fig))
             plt.close(fig)
