@@ -126,6 +126,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
     from gptft.callbacks import ReferenceProbe, RunRecord, SafeStop
+    from gptft.callbacks.before_after import BeforeAfter
     from gptft.cluster import slurm_plugins
     from gptft.models import build_model, context_length, export_hf_model, model_config
     from gptft.models.precision import resolve_precision, set_tf32
@@ -138,7 +139,6 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     from gptft.utils.rich_tree import print_config_tree
 
     quiet_lightning()
-    print_config_tree(cfg)
     check_context(
         OmegaConf.select(cfg, data_length_key(cfg)),
         context_length(model_config(cfg.model.name_or_path, cfg.model.arch)),
@@ -151,6 +151,9 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     datamodule.setup("fit")  # corpus and split problems surface now, before weights load
     write_lengths_figure(out)  # question/answer data: the histogram of what the data module measured
     configured = [instantiate(c) for c in (cfg.get("callbacks") or {}).values()]
+    probing = cfg.eval.get("enabled", True)
+    if not probing:  # eval=off: no before/after probe of any kind
+        configured = [c for c in configured if not isinstance(c, BeforeAfter)]
     # A missing reference text, or the training text itself, fails now, before the weights load.
     for callback in configured:
         if isinstance(callback, ReferenceProbe):
@@ -181,7 +184,8 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
     record.data.update(experiment=cfg.experiment_name, output_dir=str(out), seed=cfg.seed, freeze=frozen)
     callbacks = [
         record,
-        instantiate(_without(cfg.eval, "reference")),  # eval.reference is the ReferenceProbe's text
+        # eval.reference is the ReferenceProbe's text
+        *([instantiate(_without(cfg.eval, "reference", "enabled"))] if probing else []),
         *configured,
         *extra_callbacks,
         # Last (Lightning runs checkpoint callbacks after all others): a stop's checkpoint holds every record of
@@ -200,6 +204,7 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
         plugins=[AtomicCheckpointIO(), *slurm_plugins()],  # Slurm: its ranks, and auto-requeue on SIGUSR1
     )
 
+    print_config_tree(cfg)  # once every check has passed: a refused setting is one line, not after the tree
     try:
         trainer.fit(task, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     except SIGTERMException:  # Lightning's own, raised when SIGTERM lands outside a training step
@@ -213,6 +218,19 @@ def train(cfg: DictConfig, extra_callbacks: Sequence[Any] = ()) -> dict[str, Any
         export_hf_model(model, out / "hf_model")
         log.info("outputs: %s  (tensorboard --logdir %s)", out, out.parent)
     return record.data
+
+
+def _remove_refused_run(cfg: DictConfig) -> None:
+    """A new run refused before it trained leaves no folder behind: Hydra made it (its .hydra/ and an empty
+    run.log) before gptft could check a thing. A resumed or requeued run's folder, or one holding metrics.json
+    (a run that started), stays."""
+    import shutil
+
+    from hydra.core.hydra_config import HydraConfig
+
+    out = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("resume") is None and out.is_dir() and not (out / "metrics.json").exists():
+        shutil.rmtree(out, ignore_errors=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
@@ -230,6 +248,7 @@ def main(cfg: DictConfig) -> float | None:
             cfg = continue_requeued(cfg)
         metrics = train(cfg)
     except ConfigError as e:
+        _remove_refused_run(cfg)
         print(f"gptft: error: {e}", file=sys.stderr)
         sys.exit(2)
     except StoppedEarly as stopped:

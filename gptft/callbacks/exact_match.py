@@ -99,6 +99,12 @@ class ExactMatch(BeforeAfter):
         self.out_dir = Path(out_dir)
         self.questions, self.max_new_tokens = questions, max_new_tokens
 
+    def settings(self, trainer: L.Trainer) -> dict[str, Any]:
+        return {
+            "callbacks.exact_match.questions": self.questions,
+            "callbacks.exact_match.max_new_tokens": self.max_new_tokens,
+        }
+
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> float:
         datamodule = trainer.datamodule
         if not isinstance(datamodule, InstructPairs):

@@ -85,6 +85,7 @@ class Probes(BeforeAfter):
         self._top_ids: torch.Tensor | None = None
         self._ngrams: NgramIndex | None = None
         self._token_sets: dict[str, torch.Tensor] = {}  # the task's own sets, e.g. the KL target's ids
+        self._held_out_text: dict[str, Any] | None = None
 
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> dict[str, Any]:
         # Every rank runs the model (under trainer=fsdp each forward gathers the weights from all ranks, so
@@ -98,6 +99,8 @@ class Probes(BeforeAfter):
             measures, drawn = self.free_generation(task.model)
         result = {"step": trainer.global_step, **{f"val_{k}": v for k, v in held_out.items()}, **measures}
         self.results[when] = result
+        if self._held_out_text is None:
+            self._held_out_text = self._text_measures(trainer.datamodule.val_dataloader())
         if not trainer.is_global_zero:
             return result
         # Lightning logs step k's metrics at index k - 1 (the batch they follow); "before" sits at 0.
@@ -113,6 +116,30 @@ class Probes(BeforeAfter):
         summary = ", ".join(f"{name} {_shown(m)}" for name, m in measures.items())
         log.info("%s training: %s; %s", when, held, summary)
         return result
+
+    def _text_measures(self, held_out: Any) -> dict[str, Any]:
+        """The style ratio of the held-out text itself (its labelled tokens: a book's test windows, the answers of
+        question/answer pairs): what a model writing like the book scores, the baseline of the measure."""
+        labels = torch.cat([batch[1].flatten() for batch in held_out])
+        labels = labels[labels >= 0].cpu()  # masked prompts and padding carry -100
+        return {"style_ratio": 100 * share_in(labels, self._top_ids), "tokens": labels.numel()}
+
+    def metrics(self) -> dict[str, Any]:
+        text = {"held_out_text": self._held_out_text} if self._held_out_text else {}
+        return {**super().metrics(), **text}
+
+    def settings(self, trainer: L.Trainer) -> dict[str, Any]:
+        held_out = getattr(trainer.datamodule.val_dataloader(), "dataset", None)
+        return {
+            "eval.prompts": self.prompts,
+            **{f"eval.{k}": v for k, v in self.sampling.items()},
+            "eval.repeats": self.repeats,
+            "eval.free_prompts": self.free_prompts,
+            "eval.style_tokens": self.style_tokens,
+            "eval.copy_ngram": self.copy_ngram,
+            "eval.seed": self.seed,
+            "held-out examples": len(held_out) if hasattr(held_out, "__len__") else None,
+        }
 
     def _index_training_text(self, datamodule: L.LightningDataModule) -> None:
         if self._top_ids is None:

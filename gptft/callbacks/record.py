@@ -54,6 +54,7 @@ class RunRecord(L.Callback):
         self.path = Path(path)
         # A resumed run keeps what the run before it measured (its "before" probe, its settings' record).
         previous = json.loads(self.path.read_text()) if resume and self.path.is_file() else {}
+        previous.pop("error", None)  # how the last segment stopped: this one ends with its own status
         self.data: dict[str, Any] = {**previous, "status": "created", "config": config or {}}
         # Measured in earlier segments of this run (restored from the checkpoint) and in this one so far.
         self._state: dict[str, Any] = {
@@ -207,14 +208,32 @@ class RunRecord(L.Callback):
     def _finish(self, trainer: L.Trainer) -> None:
         self._gather_and_write(trainer)
         if trainer.is_global_zero:
+            if "probes_s" in self.data.get("time", {}):
+                log.info("%s", probes_line(self.data["time"], self.data["probes"]))
             log.info("metrics: %s", self.path)
 
     def _gather_and_write(self, trainer: L.Trainer) -> None:
         for callback in trainer.callbacks:
             if callback is not self and isinstance(callback, Measures):
                 merge_into(self.data, callback.metrics())
+        if self.data.get("probes") and "time" in self.data:  # the before/after probes' seconds, all of them
+            seconds = [
+                s for p in self.data["probes"].values() for s in (p.get("before_s"), p.get("after_s")) if s
+            ]
+            self.data["time"]["probes_s"] = round(sum(seconds), 3)
         if trainer.is_global_zero:
             self.write()
+
+
+def probes_line(time_: dict[str, Any], probes: dict[str, dict[str, Any]]) -> str:
+    """The run log's line on what the probes cost beside training."""
+    each = ", ".join(
+        f"{name} {p.get('before_s') or 0:.1f} + {p.get('after_s') or 0:.1f} s" for name, p in probes.items()
+    )
+    line = f"probes took {time_['probes_s']:.1f} s ({each}; before + after) beside {time_['train_s']:.1f} s of training"
+    if time_.get("fit_s"):
+        line += f": {100 * time_['probes_s'] / time_['fit_s']:.0f}% of the fit's {time_['fit_s']:.1f} s"
+    return line
 
 
 def merge_into(target: dict[str, Any], new: dict[str, Any]) -> None:

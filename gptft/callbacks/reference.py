@@ -83,9 +83,10 @@ class ReferenceProbe(BeforeAfter):
 
     def state_dict(self) -> dict[str, Any]:
         # The starting model's log-probabilities: a resumed run's ref_kl needs them.
-        return {"base": self._base}
+        return {**super().state_dict(), "base": self._base}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
         self._base = list(state_dict.get("base", []))
 
     def resolve(self, train_text: str | None = None) -> list[str]:
@@ -173,16 +174,14 @@ class ReferenceProbe(BeforeAfter):
             left -= self.seq_len
         return out
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+    def prepare(self, trainer: L.Trainer, task: L.LightningModule) -> None:
         self._prepare()
-        super().on_train_start(trainer, pl_module)
 
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._prepare()
-        super().on_train_end(trainer, pl_module)
+    def settings(self, trainer: L.Trainer) -> dict[str, Any]:
+        return {"eval.reference": self.sources, "callbacks.reference.windows": self.windows}
 
     def metrics(self) -> dict[str, Any]:
-        return {**self.results, **({"reference": self.info} if self.info else {})}
+        return {**super().metrics(), **({"reference": self.info} if self.info else {})}
 
     @torch.no_grad()
     def probe(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> dict[str, float]:
