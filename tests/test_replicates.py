@@ -142,13 +142,16 @@ def test_paired_differences_seed_by_seed(sweep):
     assert r["differences"] == pytest.approx(expected) and r["sentence"].startswith("r of the fit: ")
     text = (sweep / "report/summary.md").read_text()
     assert "### B = freeze=upper_qkv against A = freeze=none" in text and train["sentence"] in text
-    # the HParams tab: an entry per run, per group and per comparison, with the same numbers
+    # TensorBoard: the report's one entry holds summary.md (groups, intervals, tests) as text, no one-point charts;
+    # the HParams rows are the 6 trainings
     board = sweep / "report/tensorboard"
-    assert len([p for p in board.iterdir() if p.is_dir()]) == 6 + 2 + 1
-    acc = EventAccumulator(str(board / "group freeze=none"), size_guidance={"scalars": 0})
+    assert not [p for p in board.iterdir() if p.is_dir()]
+    acc = EventAccumulator(str(board), size_guidance={"tensors": 0})
     acc.Reload()
-    (point,) = acc.Scalars("group/train.loss_last/mean")
-    assert point.value == pytest.approx(summary["groups"][0]["measures"]["train.loss_last"]["mean"], rel=1e-6)
+    assert acc.Tags()["scalars"] == []
+    (shown,) = acc.Tensors("report/summary/text_summary")
+    assert shown.tensor_proto.string_val[0].decode() == text
+    assert len(list(sweep.glob("*/tensorboard/*.gptft_report_hparams"))) == 6
 
 
 def test_failed_runs_are_named_and_left_out(sweep, tmp_path):

@@ -42,7 +42,7 @@ def sweep(run_ok, tiny_model_dir, tmp_path_factory):
 
 def test_lr_sweep_is_one_hydra_multirun_job_per_lr(sweep):
     jobs = sorted(p.parent for p in sweep.glob("*/metrics.json"))
-    assert [p.name[:2] for p in jobs] == ["0_", "1_"]  # numbered, then named by the overrides (cut at 100 chars)
+    assert [p.name[:2] for p in jobs] == ["0_", "1_"]  # numbered, then named by the overrides (swept ones first)
     records = [json.loads((p / "metrics.json").read_text()) for p in jobs]
     assert [r["config"]["optim"]["lr"] for r in records] == [1e-3, 1e-4]
     assert all(r["status"] == "completed" for r in records)
@@ -79,8 +79,9 @@ def test_report_in_tensorboard(sweep):
     acc = EventAccumulator(str(sweep / "report/tensorboard"), size_guidance={"images": 0})
     acc.Reload()
     assert {"report/loss", "report/style_ratio"} <= set(acc.Tags()["images"])
-    runs = [p for p in (sweep / "report/tensorboard").iterdir() if p.is_dir()]
-    assert len(runs) == 2  # one HParams entry per run
+    assert not [p for p in (sweep / "report/tensorboard").iterdir() if p.is_dir()]  # the report: one entry
+    jobs = [p.parent for p in sweep.glob("*/metrics.json")]  # the HParams rows: the trainings themselves
+    assert len(jobs) == 2 and all(len(list(j.glob("tensorboard/*.gptft_report_hparams"))) == 1 for j in jobs)
     probe = EventAccumulator(str(next(sweep.glob("0_*/tensorboard"))), size_guidance={"scalars": 0})
     probe.Reload()
     assert {"probe/style_ratio", "probe/copy_rate", "probe/distinct_2"} <= set(probe.Tags()["scalars"])

@@ -21,7 +21,7 @@ class Run:
     label: str = ""
     # Read once: the figures of a report each draw it. Kept on the run, not in a dict by label: a crashed
     # attempt and the completed run of one seed (two sweep folders) share a label, not a curve.
-    _curve: tuple[list[int], list[float]] | None = field(default=None, repr=False, compare=False)
+    _curves: dict[str, tuple[list[int], list[float]]] | None = field(default=None, repr=False, compare=False)
 
     @property
     def status(self) -> str:
@@ -38,24 +38,30 @@ class Run:
 
     def loss_curve(self) -> tuple[list[int], list[float]]:
         """(steps, train/loss) from the run's TensorBoard events; empty if it logged none."""
-        if self._curve is None:
-            self._curve = self._read_loss_curve()
-        return self._curve
+        return self._read_curves().get("train/loss", ([], []))
 
-    def _read_loss_curve(self) -> tuple[list[int], list[float]]:
+    def val_curve(self) -> tuple[list[int], list[float]]:
+        """(steps, val/loss): the held-out loss at every validation and probe; empty if it logged none."""
+        return self._read_curves().get("val/loss", ([], []))
+
+    def _read_curves(self) -> dict[str, tuple[list[int], list[float]]]:
+        if self._curves is not None:
+            return self._curves
+        self._curves = {}
         events = self.path / "tensorboard"
         if not events.is_dir():
-            return [], []
+            return self._curves
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
         logging.getLogger("tensorboard").setLevel(logging.WARNING)  # its directory watcher chats at INFO
 
         acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
         acc.Reload()
-        if "train/loss" not in acc.Tags().get("scalars", []):
-            return [], []
-        points = acc.Scalars("train/loss")
-        return [p.step for p in points], [p.value for p in points]
+        for tag in ("train/loss", "val/loss"):
+            if tag in acc.Tags().get("scalars", []):
+                points = acc.Scalars(tag)
+                self._curves[tag] = ([p.step for p in points], [p.value for p in points])
+        return self._curves
 
     def weight_deltas(self) -> tuple[list[int], dict[str, list[float]]] | None:
         """(steps, {weight name: ‖ΔW‖ per step}) from weight_delta.csv, if the run tracked weights."""

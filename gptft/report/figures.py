@@ -31,17 +31,51 @@ def loss_figure(runs: list[Run]) -> Figure | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, run in drawn:
         steps, losses = run.loss_curve()
-        ax.plot(
-            steps,
-            losses,
-            **curve_style(i),
-            label=run.label,
-        )
-    ax.set(xlabel="step", ylabel="train loss", title="Train loss")
+        line = ax.plot(steps, losses, **curve_style(i), label=f"{run.label} train" if run.label else "train")[0]
+        val_steps, val_losses = run.val_curve()
+        if val_steps:  # the held-out loss at each validation and probe, in the same colour, dashed
+            label = f"{run.label} held-out" if run.label else "held-out"
+            ax.plot(val_steps, val_losses, ls="--", marker="o", ms=4, color=line.get_color(), label=label)
+    ax.set(xlabel="step", ylabel="loss", title="Train loss (solid) and held-out loss (dashed)")
+    _integer_steps(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
+
+
+def _integer_steps(ax: Axes) -> None:
+    """Steps are whole numbers: no 2.5 on a short run's axis."""
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _bars(ax: Axes, xs: list[float], heights: list[float], width: float, yerr: list[float], **style) -> None:
+    """Bars with an outline and their value on top: a 0 (a random model's style ratio) shows as a line and "0"."""
+    bars = ax.bar(xs, heights, width, yerr=yerr, capsize=4, edgecolor="black", linewidth=0.6, **style)
+    ax.bar_label(bars, fmt="%.3g", fontsize=7, padding=2)
+
+
+def _baseline(ax: Axes, values: list[float | None], measure: str) -> None:
+    """The held-out text's own value of `measure` (the style ratio of real text), one dashed line per bar pair,
+    or across the axis when every run shares it: the level a model writing like the book would reach."""
+    if measure != "style_ratio" or not any(v is not None for v in values):
+        return
+    style = dict(color="#d62728", ls="--", lw=1.2)
+    known = [v for v in values if v is not None]
+    if all(abs(v - known[0]) < 1e-9 for v in known):
+        ax.axhline(known[0], **style, label=f"held-out text itself ({known[0]:.3g})")
+        return
+    for i, v in enumerate(values):
+        if v is not None:
+            ax.hlines(v, i - 0.45, i + 0.45, **style, label="held-out text itself" if i == 0 else None)
+
+
+def held_out_value(run: Run, measure: str) -> float | None:
+    """The run's held-out text's own value of a probe measure (metrics.json "held_out_text"), if it has one."""
+    value = run.metrics.get("held_out_text", {}).get(measure)
+    return value if isinstance(value, (int, float)) else None
 
 
 def before_after_figure(runs: list[Run], measure: str, ylabel: str) -> Figure | None:
@@ -56,15 +90,9 @@ def before_after_figure(runs: list[Run], measure: str, ylabel: str) -> Figure | 
         values = [r.measure(when, measure) or {"mean": float("nan"), "std": None} for r in shown]
         xs = [i + offset for i in range(len(shown))]
         stds = [repeat_std(v) for v in values]
-        ax.bar(
-            xs,
-            [v["mean"] for v in values],
-            width,
-            yerr=[float("nan") if std is None else std for std in stds],  # NaN: no error bar drawn
-            capsize=4,
-            color=color,
-            label=when,
-        )
+        yerr = [float("nan") if std is None else std for std in stds]  # NaN: no error bar drawn
+        _bars(ax, xs, [v["mean"] for v in values], width, yerr, color=color, label=when)
+    _baseline(ax, [held_out_value(r, measure) for r in shown], measure)
     title = "before and after training (mean ± std over generation seeds)"
     return _finish_bars(fig, ax, [r.label for r in shown], ylabel, title, fontsize=10)
 
@@ -74,7 +102,11 @@ def _finish_bars(fig: Figure, ax: Axes, labels: list[str], ylabel: str, title: s
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=fontsize)
     ax.grid(axis="y", alpha=0.3)
-    ax.legend()
+    low, high = ax.get_ylim()
+    if low >= 0:  # a bar of height 0 sits just above the axis, its outline visible, with room for the values
+        ax.set_ylim(-0.02 * high, 1.08 * high)
+        ax.axhline(0, color="black", lw=0.8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
     fig.tight_layout()
     return fig
 
@@ -182,6 +214,7 @@ def group_loss_figure(groups: list[Group]) -> Figure | None:
     ax.set(
         xlabel="step", ylabel="train loss", title="Train loss: mean over training seeds, band = min to max"
     )
+    _integer_steps(ax)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -206,15 +239,16 @@ def group_before_after_figure(groups: list[Group], measure: str, ylabel: str) ->
         (width / 2, 2, "after", "#1f77b4"),
     ):
         stats = [spread(row[index]) if row[index] else None for row in shown]
-        ax.bar(
+        _bars(
+            ax,
             [i + offset for i in range(len(shown))],
             [s.mean if s else float("nan") for s in stats],
             width,
-            yerr=[s.half_width or 0.0 if s else 0.0 for s in stats],
-            capsize=4,
+            [s.half_width or 0.0 if s else 0.0 for s in stats],
             color=color,
             label=when,
         )
+    _baseline(ax, [held_out_value(next(iter(g.used.values())), measure) for g, _, _ in shown], measure)
     labels = [f"{g.label}\n(n = {len(g.used)})" for g, _, _ in shown]
     title = "before / after training: mean over training seeds, 95% t interval"
     return _finish_bars(fig, ax, labels, ylabel, title, fontsize=9)

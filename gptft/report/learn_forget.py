@@ -93,13 +93,6 @@ def learn_forget_figure(groups: list[Group]) -> Figure | None:
                 capsize=4,
                 label=p.label,
             )
-            ax.annotate(
-                p.label,
-                (p.learning.mean, y.mean),
-                textcoords="offset points",
-                xytext=(6, 6 if i % 2 == 0 else -12),
-                fontsize=8,
-            )
         if attr == "forgetting":
             ax.axhline(0, color="gray", lw=0.8, ls="--")
         ax.set(xlabel="learning: held-out loss before − after (training text)", ylabel=ylabel)
@@ -107,13 +100,32 @@ def learn_forget_figure(groups: list[Group]) -> Figure | None:
     axes[0][0].set_title("Forgetting: rise of the reference loss", fontsize=10)
     if with_kl:
         axes[0][1].set_title("Drift: KL to the starting model on the reference", fontsize=10)
-    axes[0][-1].legend(fontsize=8)
-    reference = shown[0].reference or "the reference text"
+    # One legend below the panels names the points (labels beside close points overlapped).
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False)
     fig.suptitle(
-        f"Learning versus forgetting (reference: {reference}); right = learns more, low = forgets less"
+        f"Learning versus forgetting on {book_title(shown[0].reference)}\n"
+        "right: learns more; low: forgets less",
+        fontsize=11,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.06 + 0.04 * ((len(labels) - 1) // 4), 1, 1))
     return fig
+
+
+# The books gptft's studies use, by the name the forgetting probe records (pg<Gutenberg id>).
+TITLES = {"pg829": "Gulliver's Travels", "pg2701": "Moby Dick"}
+
+
+def book_title(reference: str) -> str:
+    """A reader's name for the reference text(s): "Moby Dick (Gutenberg 2701)" rather than "pg2701"."""
+    if not reference:
+        return "the reference text"
+    names = []
+    for name in reference.split("+"):
+        number = name.removeprefix("pg")
+        title = TITLES.get(name)
+        names.append(f"{title} (Gutenberg {number})" if title else name)
+    return " + ".join(names)
 
 
 def _fmt(s: Spread | None, digits: int = 3) -> str:
@@ -157,7 +169,7 @@ def learn_forget_section(groups: list[Group]) -> list[str]:
         markdown_table(rows),
         "",
         f"Learning: the drop of the held-out loss on the training text (before − after). Forgetting: the rise of "
-        f"the loss on the reference text ({shown[0].reference or 'not trained on'}), after − before; KL: the mean "
+        f"the loss on the reference text ({book_title(shown[0].reference)}, not trained on), after − before; KL: the mean "
         "per-token KL(starting model ‖ trained model) on its first windows."
         + (f" Peak memory: {measure}." if measure else "")
         + " With several training seeds, ± is the 95% interval of the mean.",

@@ -50,6 +50,8 @@ def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
                 "style ratio % before → after": (
                     f"{_spread(run.measure('before', 'style_ratio'))} → {_spread(run.measure('after', 'style_ratio'))}"
                 ),
+                # The reference point: real text of the book scores this, a degenerate repetition can score more.
+                "style ratio % of the held-out text": _num(m.get("held_out_text", {}).get("style_ratio")),
                 "target ratio before → after": (
                     f"{_spread(run.measure('before', 'target_ratio'))} → {_spread(run.measure('after', 'target_ratio'))}"
                 ),
@@ -58,6 +60,7 @@ def summary_rows(runs: list[Run]) -> list[dict[str, str]]:
                 "trainable params": _count(m.get("params", {}).get("trainable")),
                 "median step s": _num(m.get("time", {}).get("median_step_s"), 3),
                 "fit time s": _num(m.get("time", {}).get("fit_s"), 4),
+                "probes s": _num(m.get("time", {}).get("probes_s"), 3),
             }
         )
     # A column only the KL study fills stays out of the other studies' tables.

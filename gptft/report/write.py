@@ -1,9 +1,9 @@
-"""Write DIR/report/: summary.md, summary.json, loss.png, style_ratio.png, and tensorboard/ (figures + HParams)."""
+"""Write DIR/report/: summary.md, summary.json, the figures, and tensorboard/ (the figures and the summary); and an
+HParams session in each training's own tensorboard/ folder."""
 
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -48,16 +48,21 @@ from gptft.utils.io import atomic_write_bytes, atomic_write_json, atomic_write_t
 
 log = logging.getLogger(__name__)
 
-# metrics.json value → HParams metric name (TensorBoard's HParams tab compares runs on these)
+# HParams metrics: a metrics.json "after" key → the run's own TensorBoard tag whose last point is that value. The
+# HParams tab reads them from each training's curves; the report logs no scalar of its own.
 HP_METRICS = {
-    ("after", "val_loss"): "hp/val_loss",
-    ("after", "val_ppl"): "hp/val_ppl",
-    ("after", "style_ratio"): "hp/style_ratio_after",
-    ("before", "style_ratio"): "hp/style_ratio_before",
-    ("after", "copy_rate"): "hp/copy_rate_after",
-    ("after", "target_ratio"): "hp/target_ratio_after",
-    ("after", "distinct_2"): "hp/distinct_2_after",
+    "val_loss": "val/loss",
+    "val_ppl": "val/ppl",
+    "style_ratio": "probe/style_ratio",
+    "target_ratio": "probe/target_ratio",
+    "copy_rate": "probe/copy_rate",
+    "distinct_2": "probe/distinct_2",
+    "exact_match": "probe/exact_match",
+    "ref_loss": "ref/loss",
+    "ref_kl": "ref/kl",
 }
+# The report's HParams session in a training's tensorboard/ folder: one events file, replaced by the next report.
+SESSION_SUFFIX = ".gptft_report_hparams"
 
 
 def write_report(folder: str | Path, compare: list[str] | None = None) -> str:
@@ -83,9 +88,7 @@ def write_report(folder: str | Path, compare: list[str] | None = None) -> str:
         atomic_write_bytes(out / f"{name}.png", png_bytes(fig))
     atomic_write_text(out / "summary.md", text)
     atomic_write_json(out / "summary.json", summary_json(folder, runs, groups, pairs))
-    _write_tensorboard(
-        out / "tensorboard", runs, figures, groups if replicated else [], pairs if replicated else []
-    )
+    _write_tensorboard(out / "tensorboard", runs, figures, text)
     for fig in figures.values():
         if fig is not None:
             import matplotlib.pyplot as plt
@@ -126,7 +129,9 @@ def _summary_text(
 ) -> str:
     lines = [f"# Report: {folder}", "", markdown_table(summary_rows(runs)), ""]
     lines += [
-        "Style ratio: % of generated tokens among the training text's most frequent ids; copy rate: share of "
+        "Style ratio: % of generated tokens among the training text's most frequent ids (of the held-out text: "
+        "the same share in the held-out text itself, the level of real prose; a degenerate repetition of frequent "
+        "tokens can exceed it, so read it with distinct-2); copy rate: share of "
         "generated 8-grams found verbatim in the training text; distinct-2: unique over all bigrams. "
         "Mean ± std over `eval.repeats` generation seeds, after training unless marked.",
         "",
@@ -143,18 +148,6 @@ def _summary_text(
     if notes:
         lines += ["## Missing", "", *[f"- {n}" for n in notes], ""]
     return "\n".join(lines)
-
-
-def _hparams(run: Run) -> tuple[dict[str, Any], dict[str, float]]:
-    params: dict[str, Any] = {"lr": run.lr if run.lr is not None else float("nan")}
-    params |= {k: _scalar(v) for k, v in run.overrides.items()}
-    metrics = {}
-    for (when, key), name in HP_METRICS.items():
-        value = run.metrics.get(when, {}).get(key)
-        value = value.get("mean") if isinstance(value, dict) else value
-        if isinstance(value, (int, float)) and math.isfinite(value):
-            metrics[name] = float(value)
-    return params, metrics
 
 
 def _scalar(value: str) -> Any:
@@ -213,60 +206,47 @@ def _group_json(group: Group) -> dict[str, Any]:
     }
 
 
-def _group_hparams(group: Group) -> tuple[dict[str, Any], dict[str, float]]:
-    """A group's entry: its overrides, n and seeds; each measure's mean, std and 95% interval over the seeds."""
-    params: dict[str, Any] = {k: _scalar(v) for k, v in group.overrides.items()}
-    params |= {
-        "seed": f"mean of {len(group.used)}: {','.join(map(str, group.seeds))}",
-        "n_seeds": len(group.used),
-    }
-    metrics = {}
-    for measure in group.measures():
-        s = spread(group.values(measure)[1])
-        metrics[f"group/{measure}/mean"] = s.mean
-        if s.n > 1:
-            metrics |= {f"group/{measure}/std": s.std, f"group/{measure}/ci95_low": s.low}
-            metrics[f"group/{measure}/ci95_high"] = s.high
-    return params, metrics
-
-
-def _comparison_hparams(pair: Comparison) -> tuple[dict[str, Any], dict[str, float]]:
-    """A comparison's entry: B − A's mean, 95% interval and sign-flip p of each measure."""
-    params = {
-        "compare": f"{pair.b.label} − {pair.a.label}",
-        "n_seeds": len(pair.tests[0].seeds) if pair.tests else 0,
-    }
-    metrics = {}
-    for t in pair.tests:
-        metrics[f"diff/{t.measure}/mean"] = t.spread.mean
-        if t.spread.n > 1:
-            metrics |= {
-                f"diff/{t.measure}/ci95_low": t.spread.low,
-                f"diff/{t.measure}/ci95_high": t.spread.high,
-            }
-        if t.p is not None:
-            metrics[f"diff/{t.measure}/p"] = t.p
-    return params, metrics
-
-
-def _write_tensorboard(
-    target: Path, runs: list[Run], figures: dict[str, Any], groups: list[Group], pairs: list[Comparison]
-) -> None:
-    """Figures and an HParams entry per run (and per group and comparison of replicates), written to a fresh
-    folder that then replaces the old one."""
+def _write_tensorboard(target: Path, runs: list[Run], figures: dict[str, Any], text: str) -> None:
+    """The report's own TensorBoard entry, one run beside the trainings: its figures and summary.md (groups,
+    intervals and tests as a text table), written to a fresh folder that then replaces the old one. The HParams
+    tab's rows are the trainings themselves: each gets a session (its overrides, and as metrics the tags of its own
+    curves), so the tab names each training by its folder and the report adds no one-point charts."""
     from torch.utils.tensorboard import SummaryWriter
 
-    entries = [(run.label or run.path.name, *_hparams(run)) for run in runs]
-    entries += [(f"group {g.label}", *_group_hparams(g)) for g in groups]
-    entries += [(f"compare {p.b.label} vs {p.a.label}", *_comparison_hparams(p)) for p in pairs]
     tmp = Path(tempfile.mkdtemp(prefix=".tensorboard.", dir=target.parent))
     with SummaryWriter(str(tmp)) as writer:
         for name, fig in figures.items():
             if fig is not None:
                 writer.add_figure(f"report/{name}", fig, close=False)
-        for name, params, metrics in entries:
-            if metrics:
-                writer.add_hparams(params, metrics, run_name=name.replace("/", "_"))
+        writer.add_text("report/summary", text)
     if target.exists():
         shutil.rmtree(target)
     tmp.rename(target)
+    tags = [tag for key, tag in HP_METRICS.items() if any(key in r.metrics.get("after", {}) for r in runs)]
+    for run in runs:
+        _write_session(run, tags)
+
+
+def _write_session(run: Run, tags: list[str]) -> None:
+    """The run's HParams session (start and end) in <run>/tensorboard/, replacing the one an earlier report wrote."""
+    from torch.utils.tensorboard.summary import hparams
+    from torch.utils.tensorboard.writer import FileWriter
+
+    events = run.path / "tensorboard"
+    if not events.is_dir() or not tags:
+        return
+    params: dict[str, Any] = {"lr": run.lr if run.lr is not None else float("nan")}
+    params |= {k: _scalar(v) for k, v in run.overrides.items()}
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".hparams.", dir=events))
+        writer = FileWriter(str(tmp), filename_suffix=SESSION_SUFFIX)
+        for summary in hparams(params, dict.fromkeys(tags, 0.0)):
+            writer.add_summary(summary)
+        writer.close()
+        for old in events.glob(f"*{SESSION_SUFFIX}"):
+            old.unlink()
+        for new in tmp.iterdir():
+            new.rename(events / new.name)
+        tmp.rmdir()
+    except OSError as e:  # a folder the reader may not write (another user's runs): the report stands without it
+        log.warning("no HParams entry for %s: %s", run.path, e)
