@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from gptft.errors import ConfigError
 
@@ -18,6 +18,7 @@ if TYPE_CHECKING:  # the commands import torch and transformers only once they r
 
     from gptft.data.qa.template import Template
 
+T = TypeVar("T")
 SOURCE_HELP = (
     "a run folder (outputs/<experiment>/<time>: its hf_model/, else its checkpoints/last.ckpt), an hf_model/ "
     "folder, or a Hugging Face model id in the local cache (e.g. gpt2)"
@@ -305,6 +306,14 @@ def quiet_libraries() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for name in ("transformers", "lightning", "lightning.pytorch", "gptft"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def progress(items: Sequence[T], desc: str, unit: str = "it") -> Iterator[T]:
+    """`items` with a tqdm progress bar on stderr when it is a terminal (TQDM_DISABLE=1 turns it off)."""
+    from tqdm.auto import tqdm
+
+    disable = not is_terminal(sys.stderr) or os.environ.get("TQDM_DISABLE", "") not in ("", "0")
+    yield from tqdm(items, desc=desc, unit=unit, file=sys.stderr, disable=disable, leave=False)
 
 
 def say(prog: str, message: str) -> None:

@@ -8,7 +8,15 @@ import os
 from pathlib import Path
 from typing import Any
 
-from gptft.cli.common import add_model_options, load_model, parser, resolve_source, run_command, say
+from gptft.cli.common import (
+    add_model_options,
+    load_model,
+    parser,
+    progress,
+    resolve_source,
+    run_command,
+    say,
+)
 from gptft.errors import ConfigError
 
 PROG = "gptft-evaluate"
@@ -171,7 +179,8 @@ def perplexity_of(model: Any, named_text: tuple[str, str], args: argparse.Namesp
         else:
             groups.append([span])
     with torch.no_grad():
-        for group in groups:
+        # A whole book is minutes on a CPU: a progress bar on a terminal (none in logs and pipes).
+        for group in progress(groups, f"{PROG}: {name}", unit="batch"):
             x = torch.stack([ids[b:e] for b, e, _ in group]).to(device)
             logits = model(input_ids=x, use_cache=False).logits.float()
             losses = F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten(), reduction="none")
