@@ -10,9 +10,6 @@ Triton, GPU only.)
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 
 from gptft.text.tokenizer import IGNORE_INDEX
@@ -39,21 +36,6 @@ def release_logits_buffer() -> None:
     _CPU_BUFFER.clear()
 
 
-@contextmanager
-def _fp32_matmul_precision(precision: str | None) -> Iterator[None]:
-    """oneDNN's math mode for fp32 products on the CPU ("bf16": inputs rounded to bf16, fp32 accumulation) for the
-    duration; None leaves it as it is. A process-wide torch flag, restored on the way out."""
-    if precision is None:
-        yield
-        return
-    flags = torch.backends.mkldnn.matmul
-    before, flags.fp32_precision = flags.fp32_precision, precision
-    try:
-        yield
-    finally:
-        flags.fp32_precision = before
-
-
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -72,52 +54,43 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         # Under autocast the products run in its dtype: cast the weight once, and each chunk's gradient once.
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        # On a CPU, bf16 products run on fp32 tensors in oneDNN's bf16 math mode instead (inputs rounded to bf16,
-        # fp32 accumulation and output, AMX's speed): no bf16 copies of each 100 MB chunk of logits and gradients,
-        # and the weight's gradient accumulates over the chunks in fp32 in place (each chunk's bf16 product cast
-        # and added took 3 more passes over its 150 MB). Where bf16 is not native it is a plain fp32 product.
-        bf16_math = device == "cpu" and matmul_dtype == torch.bfloat16
-        if bf16_math:
-            matmul_dtype = torch.float32
         w = weight.to(matmul_dtype)
         plain_fp32 = matmul_dtype == hidden.dtype == weight.dtype == torch.float32
         buffer = _logits_buffer(min(chunk, hidden.size(0)), weight.size(0), hidden.device)
-        with _fp32_matmul_precision("bf16" if bf16_math else None):
-            for start in range(0, hidden.size(0), chunk):
-                h, y = hidden[start : start + chunk].to(matmul_dtype), labels[start : start + chunk]
-                # each row's weight in the mean: 0 if ignored
-                scale = valid_all[start : start + chunk] / count
-                logits = buffer[: len(y)]  # (chunk, V): the only logits alive at any time
+        for start in range(0, hidden.size(0), chunk):
+            h, y = hidden[start : start + chunk].to(matmul_dtype), labels[start : start + chunk]
+            scale = valid_all[start : start + chunk] / count  # each row's weight in the mean: 0 if ignored
+            logits = buffer[: len(y)]  # (chunk, V): the only logits alive at any time
+            if plain_fp32:
+                torch.mm(h, w.t(), out=logits)
+            else:
+                logits.copy_(h @ w.t())
+            rows, target_ids = torch.arange(len(y), device=y.device), y.clamp(min=0)
+            target = logits[rows, target_ids]
+            row_max = logits.amax(dim=-1, keepdim=True)
+            exp = logits.sub_(row_max).exp_()  # softmax numerators, in place
+            total = exp.sum(dim=-1)
+            lse = row_max.squeeze(1) + total.log()
+            loss += ((lse - target) * scale).sum()
+            if grad_hidden is None and not weight.requires_grad:
+                continue
+            # d loss / d logits = (softmax - one_hot) * scale, built in place over the numerators
+            grad = exp.mul_((scale / total)[:, None])
+            grad[rows, target_ids] -= scale
+            grad = grad.to(matmul_dtype)  # no copy in fp32; under autocast one cast for both products
+            if grad_hidden is not None:
                 if plain_fp32:
-                    torch.mm(h, w.t(), out=logits)
+                    torch.mm(grad, w, out=grad_hidden[start : start + chunk])
                 else:
-                    logits.copy_(h @ w.t())
-                rows, target_ids = torch.arange(len(y), device=y.device), y.clamp(min=0)
-                target = logits[rows, target_ids]
-                row_max = logits.amax(dim=-1, keepdim=True)
-                exp = logits.sub_(row_max).exp_()  # softmax numerators, in place
-                total = exp.sum(dim=-1)
-                lse = row_max.squeeze(1) + total.log()
-                loss += ((lse - target) * scale).sum()
-                if grad_hidden is None and not weight.requires_grad:
-                    continue
-                # d loss / d logits = (softmax - one_hot) * scale, built in place over the numerators
-                grad = exp.mul_((scale / total)[:, None])
-                grad[rows, target_ids] -= scale
-                grad = grad.to(matmul_dtype)  # no copy in fp32; under autocast one cast for both products
-                if grad_hidden is not None:
-                    if plain_fp32:
-                        torch.mm(grad, w, out=grad_hidden[start : start + chunk])
-                    else:
-                        grad_hidden[start : start + chunk] = grad @ w
-                if weight.requires_grad:
-                    if grad_weight is None:
-                        grad_weight = (grad.t() @ h).float()
-                    elif plain_fp32:
-                        grad_weight.addmm_(grad.t(), h)
-                    else:
-                        grad_weight += (grad.t() @ h).float()
-                del logits, grad
+                    grad_hidden[start : start + chunk] = grad @ w
+            if weight.requires_grad:
+                if grad_weight is None:
+                    grad_weight = (grad.t() @ h).float()
+                elif plain_fp32:
+                    grad_weight.addmm_(grad.t(), h)
+                else:
+                    grad_weight += (grad.t() @ h).float()
+            del logits, grad
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight)
         return loss
