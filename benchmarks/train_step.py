@@ -9,16 +9,24 @@ its model FLOPs per step (gptft.models.flops: 6·N + 12·L·d·T per token) over
 Trainer runs in its faster precision here: bf16 where the CPU runs bf16 products measurably faster (the rule trainer.precision=auto
 follows), else fp32. Peak memory is the growth of the process's peak RSS during training steps, each variant in a
 fresh subprocess. Prints a table and writes outputs/benchmarks/train_step.json.
+
+The same comparison runs at the studies' own shape, GPT-2 124M (12 layers, d 768, context 256, batch 8 × 256; fewer
+steps and repeats, and no bare loop, whose full fp32 logits alone take seconds there): at d 256 every product's inner
+dimension is 256, where no kernel reaches its peak. `--shape small|gpt2` runs one of the two; `--profile` adds a
+torch.profiler table (operators by self time) of the precision `auto` picks, two steps of gptft's step at each shape
+run, written to outputs/benchmarks/train_step_profile_<shape>.txt.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 
 import lightning as L
 import torch
@@ -28,13 +36,40 @@ from gptft.models.precision import BF16_MARGIN, cpu_bf16_speedup, resolve_precis
 from gptft.utils.io import atomic_write_json
 
 ARCH = {"model_type": "gpt2", "n_layer": 4, "n_embd": 256, "n_head": 4, "n_positions": 256}
-BATCH, SEQ, WARMUP, STEPS, REPEATS = 8, 256, 2, 8, 3
+BATCH, SEQ, WARMUP, STEPS, REPEATS = 8, 256, 2, 8, 3  # benchmark 1 (benchmarks/lora.py reuses them)
+GPT2_ARCH = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 256}
 HF_BF16 = cpu_bf16_speedup() >= BF16_MARGIN  # the Trainer's faster precision on this CPU (as auto decides)
 HF = f"HF Trainer {'bf16' if HF_BF16 else 'fp32'}"
 VARIANTS = ("bare fp32 loop", HF, "gptft fp32, full logits", "gptft fp32", "gptft defaults")
 # The precision each variant trains in: its share is taken of the ceiling in that precision.
 PRECISION = {"bare fp32 loop": "32-true", HF: "bf16-mixed" if HF_BF16 else "32-true", "gptft fp32, full logits":
              "32-true", "gptft fp32": "32-true", "gptft defaults": resolve_precision("auto", "cpu")}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One model and batch shape, with the variants, steps and repeats it is timed with."""
+
+    name: str
+    title: str
+    arch: dict
+    warmup: int
+    steps: int
+    repeats: int
+    variants: tuple[str, ...]
+    batch: int = BATCH
+    seq: int = SEQ
+
+
+SHAPES = {
+    "small": Shape(
+        "small", "benchmark 1: GPT-2 with 4 layers, d 256", ARCH, WARMUP, STEPS, REPEATS, VARIANTS
+    ),
+    # 2-5 s per step on a 2-core CPU: 1 + 3 steps per variant and repeat keep the run to about 3 minutes.
+    "gpt2": Shape(
+        "gpt2", "GPT-2 124M: 12 layers, d 768", GPT2_ARCH, 1, 3, 2, (HF, "gptft fp32", "gptft defaults")
+    ),
+}
 
 
 def matmul_gflops(
@@ -62,24 +97,24 @@ def data_dir() -> str:
     return os.environ.get("GPTFT_DATA_DIR", "data")
 
 
-def batches(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(n: int, batch: int = BATCH, seq: int = SEQ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     from gptft.data import BookWindows
 
-    data = BookWindows(seq_len=SEQ, batch_size=BATCH, data_dir=data_dir())
+    data = BookWindows(seq_len=seq, batch_size=batch, data_dir=data_dir())
     data.setup("fit")
     return [data.train_sampler.batch(k)[:2] for k in range(n)]
 
 
-def fresh_model() -> torch.nn.Module:
+def fresh_model(arch: dict = ARCH) -> torch.nn.Module:
     from gptft.models import build_model
 
     torch.manual_seed(0)
-    return build_model(arch=ARCH)
+    return build_model(arch=arch)
 
 
-def bare_loop(data: list) -> list[float]:
+def bare_loop(data: list, arch: dict = ARCH) -> list[float]:
     """A hand-written fp32 loop: forward, full-logits cross-entropy, backward, foreach AdamW."""
-    model = fresh_model()
+    model = fresh_model(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
     times = []
     for x, y in data:
@@ -94,7 +129,7 @@ def bare_loop(data: list) -> list[float]:
     return times
 
 
-def hf_trainer(data: list) -> list[float]:
+def hf_trainer(data: list, arch: dict = ARCH) -> list[float]:
     """transformers.Trainer in its faster precision here, on the same windows (it shifts the labels itself)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -122,7 +157,7 @@ def hf_trainer(data: list) -> list[float]:
     with tempfile.TemporaryDirectory() as out:
         args = TrainingArguments(
             output_dir=out,
-            per_device_train_batch_size=BATCH,
+            per_device_train_batch_size=len(data[0][0]),
             max_steps=len(data),
             learning_rate=1e-3,
             weight_decay=0.01,
@@ -135,7 +170,7 @@ def hf_trainer(data: list) -> list[float]:
             disable_tqdm=True,
             lr_scheduler_type="constant",
         )
-        Trainer(model=fresh_model(), args=args, train_dataset=Rows(), callbacks=[clock]).train()
+        Trainer(model=fresh_model(arch), args=args, train_dataset=Rows(), callbacks=[clock]).train()
     return clock.times
 
 
@@ -153,17 +188,19 @@ class StepTimes(L.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def gptft(data: list, precision: str, loss_chunk: int) -> list[float]:
+def gptft(
+    data: list, precision: str, loss_chunk: int, arch: dict | None = None, callbacks: list[L.Callback] = ()
+) -> list[float]:
     """gptft's own path: CausalLM and its data module (the same batches: batch k of the seed's draw) through a
-    Lightning Trainer, as `python -m gptft.run` trains."""
+    Lightning Trainer, as `python -m gptft.run` trains. Benchmark 1's model unless `arch` is given (called as
+    fresh_model(), which benchmarks/lora.py replaces)."""
     from gptft.data import BookWindows
     from gptft.tasks import CausalLM
     from gptft.utils.logs import quiet_lightning
 
     quiet_lightning()
-    task = CausalLM(
-        fresh_model(), {"lr": 1e-3, "weight_decay": 0.01}, {"name": "constant"}, loss_chunk=loss_chunk
-    )
+    model = fresh_model() if arch is None else fresh_model(arch)
+    task = CausalLM(model, {"lr": 1e-3, "weight_decay": 0.01}, {"name": "constant"}, loss_chunk=loss_chunk)
     clock = StepTimes()
     with tempfile.TemporaryDirectory() as out:
         trainer = L.Trainer(
@@ -172,26 +209,29 @@ def gptft(data: list, precision: str, loss_chunk: int) -> list[float]:
             max_steps=len(data),
             limit_val_batches=0,
             logger=False,
-            callbacks=[clock],
+            callbacks=[clock, *callbacks],
             enable_checkpointing=False,
             enable_progress_bar=False,
             enable_model_summary=False,
             default_root_dir=out,
         )
-        trainer.fit(task, datamodule=BookWindows(seq_len=SEQ, batch_size=BATCH, data_dir=data_dir()))
+        x = data[0][0]
+        trainer.fit(
+            task, datamodule=BookWindows(seq_len=x.size(1), batch_size=x.size(0), data_dir=data_dir())
+        )
     return clock.times
 
 
-def run_variant(name: str, data: list) -> list[float]:
+def run_variant(name: str, data: list, arch: dict = ARCH) -> list[float]:
     if name == "bare fp32 loop":
-        return bare_loop(data)
+        return bare_loop(data, arch)
     if name == HF:
-        return hf_trainer(data)
+        return hf_trainer(data, arch)
     if name == "gptft fp32, full logits":
-        return gptft(data, "32-true", 0)
+        return gptft(data, "32-true", 0, arch)
     if name == "gptft fp32":
-        return gptft(data, "32-true", 512)
-    return gptft(data, "auto", 512)
+        return gptft(data, "32-true", 512, arch)
+    return gptft(data, "auto", 512, arch)
 
 
 def peak_memory_mb(loss_chunk: int) -> float:
@@ -229,53 +269,105 @@ def ceilings() -> dict[str, float]:
     return {"32-true": matmul_gflops(torch.float32), "bf16-mixed": matmul_gflops(torch.bfloat16)}
 
 
-def main() -> None:
-    data = batches(WARMUP + STEPS)
-    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+def measure(shape: Shape) -> dict:
+    """Times every variant of `shape` in interleaved repeats, beside the ceilings; prints and returns the table."""
+    data = batches(shape.warmup + shape.steps, shape.batch, shape.seq)
+    times: dict[str, list[float]] = {name: [] for name in shape.variants}
     ceiling_runs: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
-    for repeat in range(REPEATS):
+    print(
+        f"\n{shape.title}, batch {shape.batch} × {shape.seq}; load average before: {os.getloadavg()[0]:.2f}"
+    )
+    for repeat in range(shape.repeats):
         for precision, gflops in ceilings().items():
             ceiling_runs[precision].append(gflops)
         print(f"repeat {repeat}: ceiling fp32 {ceiling_runs['32-true'][-1]:.0f}, bf16 "
               f"{ceiling_runs['bf16-mixed'][-1]:.0f} GFLOP/s", flush=True)  # fmt: skip
-        for name in VARIANTS:
-            step_times = run_variant(name, data)[WARMUP:]
+        for name in shape.variants:
+            step_times = run_variant(name, data, shape.arch)[shape.warmup :]
             times[name].append(statistics.median(step_times))
             print(f"repeat {repeat}: {name:<26} {times[name][-1]:.3f} s/step", flush=True)
     medians = {name: statistics.median(v) for name, v in times.items()}
     ceiling = {p: statistics.median(v) for p, v in ceiling_runs.items()}
     from gptft.models.flops import model_flops_per_token
 
-    flops_per_step = model_flops_per_token(fresh_model(), SEQ) * BATCH * SEQ
-    tokens = BATCH * SEQ
+    flops_per_step = model_flops_per_token(fresh_model(shape.arch), shape.seq) * shape.batch * shape.seq
+    tokens = shape.batch * shape.seq
     print(
-        f"\nmodel FLOPs per step {flops_per_step / 1e9:.1f} G; matrix-product ceiling (median of {REPEATS}): "
-        f"fp32 {ceiling['32-true']:.0f} GFLOP/s, bf16 {ceiling['bf16-mixed']:.0f} GFLOP/s; {torch.get_num_threads()} threads"
+        f"\n{shape.title}: model FLOPs per step {flops_per_step / 1e9:.1f} G; matrix-product ceiling (median of "
+        f"{shape.repeats}): fp32 {ceiling['32-true']:.0f} GFLOP/s, bf16 {ceiling['bf16-mixed']:.0f} GFLOP/s; "
+        f"{torch.get_num_threads()} threads; load average after: {os.getloadavg()[0]:.2f}"
     )
+    base = "bare fp32 loop" if "bare fp32 loop" in medians else "gptft fp32"
     print(f"{'variant':<26}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
-          f"{'vs bare fp32':>14}{'vs HF':>8}")  # fmt: skip
+          f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}")  # fmt: skip
     rows = {}
     for name, m in medians.items():
         achieved = flops_per_step / m / 1e9
         share = achieved / ceiling[PRECISION[name]]
         rows[name] = {"precision": PRECISION[name], "s_per_step": m, "tokens_per_s": tokens / m, "gflops": achieved,
-                      "share_of_ceiling": share, "vs_bare": medians["bare fp32 loop"] / m, "vs_hf": medians[HF] / m}  # fmt: skip
+                      "share_of_ceiling": share, "vs_base": medians[base] / m, "vs_hf": medians[HF] / m}  # fmt: skip
         print(
             f"{name:<26}{PRECISION[name]:>11}{m:>8.3f}{tokens / m:>10.0f}{achieved:>9.0f}{share:>10.0%} "
-            f"{medians['bare fp32 loop'] / m:>12.2f}×{medians[HF] / m:>7.2f}×"
+            f"{medians[base] / m:>{len(base) + 4}.2f}×{medians[HF] / m:>7.2f}×"
         )
-    memory = {"full logits": peak_memory_mb(0), "chunked (512 rows)": peak_memory_mb(512)}
-    ratio = memory["chunked (512 rows)"] / memory["full logits"]
-    print(
-        f"\npeak memory of fp32 training steps above weights + grads + AdamW state: full logits {memory['full logits']:.0f} MB, "
-        f"chunked {memory['chunked (512 rows)']:.0f} MB, ratio {ratio:.2f} (target ≤ 0.6)"
-    )
+    return {"title": shape.title, "batch": shape.batch, "seq": shape.seq, "repeats": times, "medians": medians,
+            "ceiling_gflops": ceiling, "ceiling_repeats": ceiling_runs, "flops_per_step": flops_per_step,
+            "threads": torch.get_num_threads(), "baseline": base, "variants": rows}  # fmt: skip
+
+
+class Profile(L.Callback):
+    """torch.profiler over the training batches after the first `skip` (warm-up: oneDNN picks its kernels)."""
+
+    def __init__(self, skip: int):
+        self.skip, self.profiler = (
+            skip,
+            torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]),
+        )
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: object) -> None:
+        if trainer.global_step == self.skip:
+            self.profiler.__enter__()
+
+    def on_train_end(self, *args: object) -> None:
+        self.profiler.__exit__(None, None, None)
+
+
+def profile(shape: Shape, steps: int = 2) -> str:
+    """Operators by self time over `steps` of gptft's defaults (after one warm-up step), as a table."""
+    data = batches(1 + steps, shape.batch, shape.seq)
+    prof = Profile(skip=1)
+    gptft(data, "auto", 512, shape.arch, callbacks=[prof])
+    table = prof.profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=20)
+    head = (f"{shape.title}, batch {shape.batch} × {shape.seq}, gptft defaults ({PRECISION['gptft defaults']}), "
+            f"{steps} steps after 1 warm-up, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f}")  # fmt: skip
+    return head + "\n" + table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=[*SHAPES, "all"], default="all")
+    parser.add_argument("--profile", action="store_true", help="also profile gptft's step at each shape run")
+    args = parser.parse_args()
+    shapes = list(SHAPES.values()) if args.shape == "all" else [SHAPES[args.shape]]
+    out = {shape.name: measure(shape) for shape in shapes}
+    if args.profile:
+        for shape in shapes:
+            text = profile(shape)
+            print("\n" + text)
+            os.makedirs("outputs/benchmarks", exist_ok=True)
+            with open(f"outputs/benchmarks/train_step_profile_{shape.name}.txt", "w") as f:
+                f.write(text)
+    if "small" in out:
+        memory = {"full logits": peak_memory_mb(0), "chunked (512 rows)": peak_memory_mb(512)}
+        ratio = memory["chunked (512 rows)"] / memory["full logits"]
+        print(
+            f"\npeak memory of fp32 training steps above weights + grads + AdamW state: full logits "
+            f"{memory['full logits']:.0f} MB, chunked {memory['chunked (512 rows)']:.0f} MB, ratio {ratio:.2f} (target ≤ 0.6)"
+        )
+        out["small"] |= {"memory_mb": memory, "memory_ratio": ratio}
     atomic_write_json(
-        "outputs/benchmarks/train_step.json",
-        {"repeats": times, "medians": medians, "ceiling_gflops": ceiling, "ceiling_repeats": ceiling_runs,
-         "flops_per_step": flops_per_step, "threads": torch.get_num_threads(), "variants": rows,
-         "memory_mb": memory, "memory_ratio": ratio},
-    )  # fmt: skip
+        f"outputs/benchmarks/train_step{'' if args.shape == 'all' else '_' + args.shape}.json", out
+    )
 
 
 if __name__ == "__main__":
