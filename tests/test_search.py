@@ -357,29 +357,29 @@ def test_dashboard_lists_the_study_trials(workers):
 
 @pytest.fixture(scope="module")
 def continued(data_dir, tmp_path_factory):
-    """A study of 3 trials in this process, continued with the same seed to 6."""
+    """A study of 2 trials in this process, continued with the same seed to 4."""
     folder = tmp_path_factory.mktemp("continued") / "study"
     args = [*QUICK, *QUICK_SPACE, "--seed", "0", "--prune-on", "none", "--study-dir", str(folder)]
     with pytest.MonkeyPatch.context() as env:
         env.setenv("GPTFT_DATA_DIR", str(data_dir))
-        search.search(search.parse_args([*args, "--trials", "3"]))
+        search.search(search.parse_args([*args, "--trials", "2"]))
         first = [t.params for t in _load(folder).trials]
-        study, _ = search.search(search.parse_args([*args, "--trials", "6"]))
+        study, _ = search.search(search.parse_args([*args, "--trials", "4"]))
     return folder, first, study
 
 
 def test_a_continued_study_never_repeats_a_trial(continued):
     _, first, study = continued
-    assert [t.params for t in study.trials[:3]] == first
-    assert len(study.trials) == 6 and len({t.params["optim.lr"] for t in study.trials}) == 6
+    assert [t.params for t in study.trials[:2]] == first
+    assert len(study.trials) == 4 and len({t.params["optim.lr"] for t in study.trials}) == 4
 
 
 def test_a_reordered_definition_is_the_same_study(continued):
     folder, _, _ = continued
     spaces = ["--space", QUICK_SPACE[3], "--space", QUICK_SPACE[1]]
-    args = [*reversed(QUICK), *spaces, "--seed", "0", "--prune-on", "none", "--trials", "6"]
+    args = [*reversed(QUICK), *spaces, "--seed", "0", "--prune-on", "none", "--trials", "4"]
     study, found = search.search(search.parse_args([*args, "--study-dir", str(folder)]))
-    assert len(study.trials) == 6  # nothing new to run, and no "other settings" refusal
+    assert len(study.trials) == 4  # nothing new to run, and no "other settings" refusal
     # the default folder too: the same definition in another order names the same one
     normal = search.parse_args([*QUICK, *QUICK_SPACE])
     reordered = search.parse_args([*reversed(QUICK), *spaces])
