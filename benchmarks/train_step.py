@@ -8,7 +8,7 @@ precision each variant trains in, measured in every repeat beside the variants; 
 its model FLOPs per step (gptft.models.flops: 6·N + 12·L·d·T per token) over its time per step. The Hugging Face
 Trainer runs in its faster precision here: bf16 where the CPU runs bf16 products measurably faster (the rule trainer.precision=auto
 follows), else fp32. Peak memory is the growth of the process's peak RSS during training steps, each variant in a
-fresh subprocess. Prints a table and writes outputs/benchmarks/train_step.json.
+fresh subprocess. Prints a table per shape and writes outputs/benchmarks/train_step.json (an entry per shape).
 
 The same comparison runs at the studies' own shape, GPT-2 124M (12 layers, d 768, context 256, batch 8 × 256; fewer
 steps and repeats, and no bare loop, whose full fp32 logits alone take seconds there): at d 256 every product's inner
