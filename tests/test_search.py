@@ -286,6 +286,7 @@ def test_a_stopped_trial_is_retried_with_its_settings_from_its_checkpoint(stoppe
     study, step, at_stop, logs = stopped
     assert at_stop["status"] == "interrupted" and 1 <= step == at_stop["steps"] < 8
     assert "run the same command again to continue the study" in logs[0] and "Traceback" not in logs[0]
+    assert f"SIGTERM: stopped after step {step}" in logs[0]  # by SafeStop, at the end of the step
     (failed,) = study.get_trials(states=(optuna.trial.TrialState.FAIL,))
     assert len(study.trials) == 2
     (retry,) = [t for t in study.trials
@@ -390,3 +391,26 @@ def test_a_reordered_definition_is_the_same_study(continued):
             reordered.overrides, [search.parse_space(s) for s in reordered.space], "m", "minimize"
         )
     )
+
+
+def test_sigterm_outside_training_stops_the_search_as_ctrl_c_would():
+    """Between trials (or in a trial's loading, probes or export) SIGTERM raises Interrupted, which queues the trial
+    again; inside training Lightning's handler runs first and calls this one, which must then leave the stop to
+    SafeStop (the end of the step, with a checkpoint)."""
+    from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
+
+    from gptft.errors import Interrupted
+
+    previous = signal.signal(signal.SIGTERM, search._stop_outside_training)
+    try:
+        with pytest.raises(Interrupted, match="SIGTERM: stopped outside a training step"):
+            signal.raise_signal(signal.SIGTERM)
+        noted = []
+        # what Lightning's fit installs: its own handler, then the one it found
+        signal.signal(
+            signal.SIGTERM, _HandlersCompose([lambda *_: noted.append(1), search._stop_outside_training])
+        )
+        signal.raise_signal(signal.SIGTERM)
+        assert noted == [1]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
