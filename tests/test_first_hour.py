@@ -201,7 +201,7 @@ def test_eval_presets(run_ok, tmp_path):
 
     with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
         light = compose("config", ["experiment=quickstart", "eval=light"])
-    assert (light.eval.repeats, light.eval.free_prompts, light.eval.max_new_tokens) == (1, 5, 50)
+    assert (light.eval.repeats, light.eval.free_prompts, light.eval.max_new_tokens) == (1, 10, 30)
     assert light.data.val_windows == 8 and light.eval.style_tokens == 100  # the rest as eval=default
     out = tmp_path / "off"
     run_ok("debug=fast", "eval=off", "trainer.max_steps=2", f"hydra.run.dir={out}")
