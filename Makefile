@@ -19,7 +19,7 @@ WHEELS   ?=
 WHEELS_PY       ?= 3.11
 WHEELS_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: setup run test bench gpu-check wheels lint tensorboard dashboard clean
+.PHONY: setup run test bench gpu-check wheels lint floors tensorboard dashboard clean
 
 setup: $(STAMP)
 
@@ -73,6 +73,24 @@ wheels: $(UV)
 
 lint: setup
 	$(VENV)/bin/ruff check .
+
+# The floors of pyproject.toml, tested: a separate venv gets torch $(TORCH) (pip, from the disk as in setup) and the
+# oldest release of every other direct dependency that pyproject.toml allows (uv's --resolution lowest-direct), then
+# runs the tests that drive Hydra, transformers, Lightning, PEFT, Optuna, tensorboard and matplotlib. Not the whole
+# suite: a handful of files, a few minutes on 2 cores. Lower a floor only where this passes.
+FLOORS_VENV  ?= /tmp/gptft-floors
+FLOORS_TESTS ?= tests/test_docs.py tests/test_config.py tests/test_models.py tests/test_metrics.py tests/test_run.py \
+                tests/test_lora.py tests/test_report.py tests/test_search.py::test_study_ends_with_report_best_settings_and_figures
+floors:
+	@test -x $(UV) || $(MAKE) setup  # never reinstalls .venv because pyproject.toml changed
+	rm -rf $(FLOORS_VENV)
+	$(PYTHON) -m venv $(FLOORS_VENV)
+	$(FLOORS_VENV)/bin/python -m pip install -q "$(TORCH)"
+	$(UV) pip install -q --compile-bytecode --python $(FLOORS_VENV)/bin/python --resolution lowest-direct \
+	  "$(TORCH)" -e ".[dev]"
+	$(UV) pip freeze --python $(FLOORS_VENV)/bin/python > $(FLOORS_VENV)/floors.txt
+	grep -iE '^(torch|lightning|torchmetrics|transformers|tiktoken|hydra-core|omegaconf|tensorboard|matplotlib|rich|peft|optuna|optuna-integration|optuna-dashboard|hydra-submitit-launcher|numpy)==' $(FLOORS_VENV)/floors.txt
+	HF_HUB_OFFLINE=1 MPLBACKEND=Agg $(FLOORS_VENV)/bin/python -m pytest -q -p no:cacheprovider $(FLOORS_TESTS)
 
 # Sets up only where nothing is installed: serving curves never reinstalls because pyproject.toml changed.
 tensorboard:
