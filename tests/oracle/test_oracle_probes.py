@@ -1,7 +1,7 @@
 """Oracle for the free-generation probes and exact match.
 
 Every number is computed again from what a run saved (samples/free_generation_<when>.json, metrics.json, run.log,
-hf_model/'s tokenizer) and the team's data files, with plain Python and the transformers tokenizer: nothing of
+the team's data files, with plain Python and the `tokenizers` library (tests/oracle/independent.py): nothing of
 gptft's own computation is imported. The measures' definitions are README's: the style ratio's set is the book's
 100 most frequent ids (ties to the lower id), the copy rate indexes the training split (data.split=tail: the first
 1 − data.test_fraction of the book's tokens), distinct-n counts n-grams within each generated row, the KL study's
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import string
 from collections import Counter
@@ -23,10 +22,11 @@ from pathlib import Path
 
 import pytest
 
-SHARED = Path(os.environ.get("GPTFT_SHARED_DATA") or Path(__file__).resolve().parents[3] / "shared" / "data")
-BOOK = SHARED / "gulliver" / "pg829.txt"
-GSM8K_TEST = SHARED / "qa" / "gsm8k_test.jsonl"
-DOLLY = SHARED / "qa" / "dolly_open_qa.jsonl"
+from independent import DATA, VOCAB, book_ids, decode, flexible_extract
+
+BOOK = DATA / "gulliver" / "pg829.txt"
+GSM8K_TEST = DATA / "qa" / "gsm8k_test.jsonl"
+DOLLY = DATA / "qa" / "dolly_open_qa.jsonl"
 
 # Tiny and fp32; generation (most of a run's time here) only what the measures need: no prompt samples, 16 new
 # tokens per row; no forgetting probe (not measured here).
@@ -54,22 +54,6 @@ def run(request, run_ok, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module")
-def tokenizer(run):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(run / "hf_model")
-
-
-def book_ids(tokenizer) -> list[int]:
-    """The book between its Gutenberg START and END lines, tokenized by the run's exported tokenizer."""
-    lines = BOOK.read_text(encoding="utf-8").splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith("*** START OF"))
-    end = next(i for i, line in enumerate(lines) if line.startswith("*** END OF"))
-    text = "\n".join(lines[start + 1 : end]).strip("\n") + "\n"
-    return tokenizer.backend_tokenizer.encode(text).ids
-
-
 def ngrams(rows: list[list[int]], n: int) -> list[tuple[int, ...]]:
     return [tuple(row[i : i + n]) for row in rows for i in range(len(row) - n + 1)]
 
@@ -81,10 +65,10 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
     return mean, math.sqrt(math.fsum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
-def test_every_probe_recomputed_from_the_saved_generated_ids(run, tokenizer):
+def test_every_probe_recomputed_from_the_saved_generated_ids(run):
     metrics = json.loads((run / "metrics.json").read_text())
     cfg = metrics["config"]
-    ids = book_ids(tokenizer)
+    ids = book_ids(BOOK).tolist()
     logged = re.search(r"(\d+) tokens: train (\d+), test (\d+)", (run / "run.log").read_text())
     assert logged and int(logged[1]) == len(ids)  # the same text, tokenized alike
     counts = Counter(ids)
@@ -95,10 +79,7 @@ def test_every_probe_recomputed_from_the_saved_generated_ids(run, tokenizer):
     n_copy = cfg["eval"]["copy_ngram"]
     train_grams = set(ngrams([ids[:n_train]], n_copy))
 
-    def decode(ids: list[int]) -> str:
-        return tokenizer.decode(ids, clean_up_tokenization_spaces=False)
-
-    x_ids = {i for i in range(len(tokenizer)) if "x" in decode([i])}
+    x_ids = {i for i in range(VOCAB) if "x" in decode([i])}
     kl = cfg["task"]["_target_"].endswith("KLTarget")
     assert len(x_ids) == 897 or not kl
 
@@ -146,19 +127,6 @@ def test_every_probe_recomputed_from_the_saved_generated_ids(run, tokenizer):
 
 
 # ---------------------------------------------------------------- exact match
-
-
-def flexible_extract(text: str) -> Decimal | None:
-    """lm-evaluation-harness's GSM8K "flexible-extract": the last match of its regex, with its ignore list
-    (commas, dollar signs, a final full stop) applied."""
-    found = re.findall(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", text)
-    if not found:
-        return None
-    value = next(g for g in found[-1] if g).replace(",", "").replace("$", "").rstrip(".")
-    try:
-        return Decimal(value)
-    except ArithmeticError:
-        return None
 
 
 PUNCTUATION = set(string.punctuation)
