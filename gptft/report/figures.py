@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 
 import matplotlib
 
@@ -31,15 +32,16 @@ def loss_figure(runs: list[Run]) -> Figure | None:
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for i, run in drawn:
         steps, losses = run.loss_curve()
-        line = ax.plot(steps, losses, **curve_style(i), label=f"{run.label} train" if run.label else "train")[0]
+        name = "\n".join(textwrap.wrap(run.label, 40, break_on_hyphens=False))
+        (line,) = ax.plot(steps, losses, **curve_style(i), label=f"{name} train" if name else "train")
         val_steps, val_losses = run.val_curve()
         if val_steps:  # the held-out loss at each validation and probe, in the same colour, dashed
-            label = f"{run.label} held-out" if run.label else "held-out"
+            label = f"{name} held-out" if name else "held-out"
             ax.plot(val_steps, val_losses, ls="--", marker="o", ms=4, color=line.get_color(), label=label)
     ax.set(xlabel="step", ylabel="loss", title="Train loss (solid) and held-out loss (dashed)")
     _integer_steps(ax)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the curves, never over them
     fig.tight_layout()
     return fig
 
@@ -98,6 +100,8 @@ def before_after_figure(runs: list[Run], measure: str, ylabel: str) -> Figure | 
 
 
 def _finish_bars(fig: Figure, ax: Axes, labels: list[str], ylabel: str, title: str, fontsize: int) -> Figure:
+    # Long labels (a sweep job's overrides) wrap instead of running off the figure.
+    labels = ["\n".join(textwrap.wrap(label, 32, break_on_hyphens=False)) or label for label in labels]
     ax.set_xticks(range(len(labels)), labels, rotation=15, ha="right", fontsize=8)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=fontsize)
@@ -107,13 +111,15 @@ def _finish_bars(fig: Figure, ax: Axes, labels: list[str], ylabel: str, title: s
         ax.set_ylim(-0.02 * high, 1.08 * high)
         ax.axhline(0, color="black", lw=0.8)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)  # beside the bars, never over them
+    fig.set_figwidth(fig.get_figwidth() + 2)  # the legend's room
     fig.tight_layout()
     return fig
 
 
 def png_bytes(fig: Figure) -> bytes:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=120)
+    # bbox_inches="tight": a legend beside the axes and long tick labels stay in the picture.
+    fig.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
     return buffer.getvalue()
 
 
