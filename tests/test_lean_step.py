@@ -99,6 +99,28 @@ def test_chunked_loss_under_bf16_autocast_is_within_bf16_precision():
         assert (ours.double() - exact).norm() / exact.norm() <= 2 * u
 
 
+def test_chunked_loss_under_fp16_autocast_is_within_fp16_precision():
+    """fp16 (16-mixed: a GPU's, and torch's CPU autocast too) has bf16's error bound with u = 2⁻¹¹, but a range that
+    ends at 6e-8: a gradient of the mean, (softmax − one-hot) / rows, underflowed there when each chunk's gradient
+    was built before the loss scale was known (2.4e-3 here, 5u; 100× off at 2,048 rows of a 50,257-row head). The
+    loss's gradients are those of the sum, divided by the row count in backward: 3.5e-4."""
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(2048, 64, generator=g, requires_grad=True)
+    weight = (torch.randn(4096, 64, generator=g) / 4).requires_grad_()
+    labels = torch.randint(0, 4096, (2048,), generator=g)
+    labels[:6] = -100
+    with torch.autocast("cpu", torch.float16):
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk=512)
+    scale = 2.0**16  # GradScaler's first loss scale
+    grads = torch.autograd.grad(scale * loss, (hidden, weight))
+    h64, w64 = (t.detach().double().requires_grad_() for t in (hidden, weight))
+    ref = torch.nn.functional.cross_entropy(h64 @ w64.t(), labels)
+    u = 2.0**-11
+    assert abs(loss.item() - ref.item()) / ref.item() <= 2 * u
+    for ours, exact in zip(grads, torch.autograd.grad(ref, (h64, w64)), strict=True):
+        assert (ours.double() / scale - exact).norm() / exact.norm() <= 2 * u
+
+
 def test_gpt2_activation_is_torchs_kernel_computing_the_same_function(tiny_model_dir):
     """build_model swaps transformers' gelu_new (8 tensor operations in Python) for torch's tanh-GELU kernel: the
     same function, so the logits equal those of transformers' own model within fp32 rounding, and the config
