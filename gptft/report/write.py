@@ -248,5 +248,5 @@ def _write_session(run: Run, tags: list[str]) -> None:
         for new in tmp.iterdir():
             new.rename(events / new.name)
         tmp.rmdir()
-    except OSError as e:  # a folder the reader may not write (another user's runs): the report stands without it
+    except OSError as e:  # a folder this user may not write (another's runs): the report stands without it
         log.warning("no HParams entry for %s: %s", run.path, e)
