@@ -298,6 +298,11 @@ def peak_memory_start(device: torch.device) -> float:
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         return 0.0
+    from gptft.callbacks.memory import release_free_memory
+
+    # Memory earlier rows freed would otherwise serve this row's allocations unseen (the standard loss's logits
+    # read 0 MB after the chunked rows): hand it back before the baseline is read.
+    release_free_memory()
     try:  # Linux: reset VmHWM to the current resident size
         Path("/proc/self/clear_refs").write_text("5")
         return _status_mb("VmRSS")

@@ -34,7 +34,7 @@ def _reset_rss_peak() -> bool:
         return False
 
 
-def _release_free_memory() -> None:
+def release_free_memory() -> None:
     """Give the memory earlier runs of this process freed back to the system (glibc keeps freed blocks in its
     heap; `malloc_trim` returns them), so this run's allocations show in its resident size again. The chunked
     loss's kept logits buffer goes too: each run counts the one it uses."""
@@ -65,7 +65,7 @@ class PeakMemory(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if pl_module.device.type != "cuda":
-            _release_free_memory()
+            release_free_memory()
             self._start_mb = _status_mb("VmRSS")
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
