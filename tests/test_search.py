@@ -324,7 +324,7 @@ def test_dashboard_lists_the_study_trials(workers):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     # the command `make dashboard` runs (make -n prints it without running it)
-    dry = subprocess.run(["make", "-n", "dashboard", f"STUDY={folder}", f"PORT={port}"], cwd=REPO,
+    dry = subprocess.run(["make", "--no-print-directory", "-n", "dashboard", f"STUDY={folder}", f"PORT={port}"], cwd=REPO,
                          capture_output=True, text=True, check=True)  # fmt: skip
     command = shlex.split(dry.stdout.strip().splitlines()[-1])
     assert command[0].endswith("optuna-dashboard") and f"sqlite:///{folder}/study.db" in command
