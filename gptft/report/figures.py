@@ -286,3 +286,79 @@ def paired_seeds_loss_figure(a: Group, b: Group) -> Figure | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     return fig
+
+
+VERDICT_COLOURS = {"reproduced": "#2ca02c", "contradicted": "#d62728", "inconclusive": "#7f7f7f"}
+
+
+def claims_figure(rows: list[dict]) -> Figure | None:
+    """One line per claim (`python -m gptft.studies`): its effect (mean over seeds − the null) and 95% interval,
+    each scaled by the largest of |mean|, |low|, |high| so that claims in different units share an axis; the sign
+    and whether the interval crosses 0 is what it shows. Colour: the verdict. Rows: dicts with id, verdict, mean,
+    ci95 (or None), kind, margin, null."""
+    shown = [r for r in rows if r.get("mean") is not None]
+    if not shown:
+        return None
+    fig, ax = plt.subplots(figsize=(8, 0.32 * len(shown) + 1.6))
+    for y, row in enumerate(reversed(shown)):
+        low, high = row["ci95"] if row.get("ci95") else (row["mean"], row["mean"])
+        scale = max(abs(row["mean"]), abs(low), abs(high), abs(row.get("margin") or 0)) or 1.0
+        colour = VERDICT_COLOURS.get(row["verdict"], "black")
+        ax.plot([low / scale, high / scale], [y, y], color=colour, lw=2)
+        ax.plot(row["mean"] / scale, y, "o", color=colour, ms=6)
+        if row.get("margin"):
+            m = row["margin"] / scale
+            ax.plot([-m, m], [y, y], color=colour, lw=8, alpha=0.15)
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(shown)), [f"{r['id']} ({r['verdict']})" for r in reversed(shown)], fontsize=8)
+    ax.set_xlim(-1.1, 1.1)
+    ax.set_xlabel(
+        "effect (mean − null) and 95% interval, scaled per claim (shaded: the ± margin of a 'within' claim)"
+    )
+    ax.set_title("The write-ups' claims across training seeds", fontsize=10)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def delta_rank_figure(ranks: dict[str, dict[str, float]], full: dict[str, int]) -> Figure | None:
+    """Effective rank of ΔW (singular values holding 90% of ‖ΔW‖²) per tracked matrix, one bar series per method
+    (mean over seeds), on the matrix's full rank (dashed). `ranks`: {method: {matrix: rank}}."""
+    methods = [m for m, r in ranks.items() if r]
+    if not methods:
+        return None
+    names = sorted({n for m in methods for n in ranks[m]}, key=lambda n: (_block(n), n))
+    fig, ax = plt.subplots(figsize=(max(8, 0.35 * len(names) * len(methods) / 2 + 3), 4.5))
+    width = 0.8 / len(methods)
+    for i, method in enumerate(methods):
+        xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(names))]
+        ax.bar(
+            xs,
+            [ranks[method].get(n, float("nan")) for n in names],
+            width,
+            label=method,
+            edgecolor="black",
+            lw=0.4,
+        )
+    tops = {full.get(n) for n in names} - {None}
+    for top in tops:
+        ax.axhline(top, color="black", ls="--", lw=0.8)
+    short = [n.replace("transformer.", "").replace(".weight", "") for n in names]
+    ax.set_xticks(range(len(names)), short, rotation=90, fontsize=7)
+    ax.set_ylabel("effective rank of ΔW (90% of ‖ΔW‖²)")
+    ax.set_yscale("symlog", linthresh=1)
+    ax.set_title(
+        "Rank of what fine-tuning changed, per matrix (dashed: full rank); frozen matrices: 0", fontsize=10
+    )
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def _block(name: str) -> int:
+    parts = name.split(".")
+    for a, b in zip(parts, parts[1:], strict=False):
+        if a == "h" and b.isdigit():
+            return int(b)
+    return -1
