@@ -61,9 +61,8 @@ def settings(argv: list[str]) -> tuple[DictConfig, Path, list[str]]:
     saved = out / SAVED
     if saved.is_file():
         cfg = OmegaConf.load(saved)
-        differ = [
-            f"{k}={v}" for k, v in given.items() if str(OmegaConf.select(cfg, k, default=None)) != str(v)
-        ]
+        asked = OmegaConf.from_dotlist([f"{k}={v}" for k, v in given.items()])
+        differ = [f"{k}={v}" for k, v in given.items() if _plain(asked, k) != _plain(cfg, k)]
         if differ:
             raise ConfigError(
                 f"out={out} holds studies started with other settings ({' '.join(differ)} differ from its "
@@ -78,6 +77,11 @@ def settings(argv: list[str]) -> tuple[DictConfig, Path, list[str]]:
     if unknown:
         raise ConfigError(f"only={only}: {unknown} are no studies: name some of {list(cfg.studies)}")
     return cfg, out, wanted
+
+
+def _plain(cfg: DictConfig, key: str) -> Any:
+    value = OmegaConf.select(cfg, key, default=None)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 @dataclass
@@ -126,7 +130,7 @@ def study_jobs(cfg: DictConfig, name: str, out: Path, base: str | None) -> list[
         swept = {k: _value(v) for k, v in zip(keys, combo, strict=True)}
         varying = [f"{k}={v}" for k, v in swept.items()] + [f"seed={seed}"]
         folder = out / name / f"{number}_{job_name(varying, [*keys, 'seed'])}"
-        jobs.append(Job(name, folder, [*common, *varying], swept, seed))
+        jobs.append(Job(name, folder, [*common, *cfg.get("extra", []), *varying], swept, seed))
     return jobs
 
 
