@@ -4,6 +4,7 @@ learning-vs-forgetting runs."""
 
 from __future__ import annotations
 
+import os
 import platform
 import re
 from datetime import datetime
@@ -32,8 +33,6 @@ CAVEAT = (
 
 def machine() -> str:
     """The CPU's model name, its core count, and whether it has AMX (bf16 matrix tiles)."""
-    import os
-
     name, amx = platform.processor() or platform.machine(), False
     try:
         info = Path("/proc/cpuinfo").read_text()
@@ -166,6 +165,8 @@ def write_studies_report(
         k: sum(v.verdict == k for v in verdicts) for k in ("reproduced", "contradicted", "inconclusive")
     }
     took = f", {minutes:.1f} min for this call" if minutes is not None else ""
+    if hasattr(os, "getloadavg"):  # a shared machine's times are longer: say how busy it was
+        took += f" (load average {os.getloadavg()[1]:.1f} over its last 5 min)"
     lines = [
         f"# The studies reproduced: scale {scale}",
         "",
@@ -230,7 +231,8 @@ def write_studies_report(
             lines += [
                 "Learning beside forgetting (what no write-up measured): learning is the drop of the held-out loss "
                 "on the training text, forgetting the rise of the loss on the reference text, KL the drift from the "
-                "starting model there; ± is the 95% interval over seeds.",
+                "starting model there; ± is the 95% interval over seeds. A negative forgetting is a reference loss "
+                "that fell: a base that is still learning the language gains on its own text too.",
                 "",
                 markdown_table(rows),
                 "",
