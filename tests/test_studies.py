@@ -113,11 +113,13 @@ def test_studies_report_every_claim_and_a_rerun_after_a_kill_trains_nothing_twic
         f"base={tiny_model_dir}",
         f"out={out}",
         "seeds=1",
-        "paired_seeds=2",
+        "paired_seeds=1",
         "extra=[trainer.max_steps=2,trainer.val_check_interval=1,eval.max_new_tokens=4,eval.repeats=0,"
         "data.val_windows=2]",
         "studies.lr_sweep.sweep={optim.lr:[1e-4,1e-6]}",  # the claims compare the highest lr with the lowest
         "studies.learn_forget.sweep={freeze:[none,lora]}",  # the ranks compare full fine-tuning with LoRA
+        "studies.instruct.overrides=[data.max_length=96,data.batch_size=2,data.val_pairs=2,"
+        "callbacks.exact_match.questions=1,callbacks.exact_match.max_new_tokens=4]",
     ]
     # One thread: a tiny model's kernels are too small to share, and beside another process (the rest of the suite)
     # two spinning OpenMP threads per process made this test 5 times slower on 2 cores.
@@ -137,7 +139,7 @@ def test_studies_report_every_claim_and_a_rerun_after_a_kill_trains_nothing_twic
     # every run of the first call that had ended is untouched; every run of the plan ended, once each
     assert {f: after.get(f) for f in before} == before
     runs = {p.parent for p in out.rglob("metrics.json")}
-    expected = {"lr_sweep": 2, "scratch": 1, "kl_x": 2, "freezing": 4, "instruct": 1, "learn_forget": 2}
+    expected = {"lr_sweep": 2, "scratch": 1, "kl_x": 2, "freezing": 2, "instruct": 1, "learn_forget": 2}
     assert {s: sum(r.parent.name == s for r in runs) for s in expected} == expected
     assert set(after) == {r / "metrics.json" for r in runs}
 
