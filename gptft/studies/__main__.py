@@ -3,7 +3,8 @@ the five studies and learning-vs-forgetting reproduced on one base, each write-u
 seeds, in one report (<out>/REPORT.md, summary.json, figures).
 
 Settings: conf/studies/<scale>.yaml (cpu by default); any of its keys can be set as key=value (seeds=6,
-paired_seeds=8, studies.kl_x.overrides=[trainer.max_steps=300]). Output: outputs/studies/<time>/ unless out= names a
+paired_seeds=8, studies.kl_x.overrides=[trainer.max_steps=300]). launcher=local|slurm trains every run as a
+submitit job (submitit.slurm_partition=..., submitit.parallel=...) instead of one after another in this process. Output: outputs/studies/<time>/ unless out= names a
 folder; given a folder that holds studies, the same command continues them with the settings they started with:
 finished runs are kept and nothing trains twice. only= runs some of the studies (the report judges what is there).
 """
@@ -38,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
             save_settings(cfg, out)
         from gptft.report import write_report
 
-        failed = []
-        for name in wanted:
-            jobs = study_jobs(cfg, name, out, base)
-            done = sum(j.ended for j in jobs)
-            log.info("%s: %d runs, %d already ended", name, len(jobs), done)
-            for job in jobs:
+        failed: list[str] = []
+        plan = {name: study_jobs(cfg, name, out, base) for name in wanted}
+        fresh = {name: sum(not j.ended for j in jobs) for name, jobs in plan.items()}
+        for name, jobs in plan.items():
+            log.info("%s: %d runs, %d already ended", name, len(jobs), len(jobs) - fresh[name])
+        if cfg.get("launcher"):
+            from gptft.studies.plan import submit
+
+            failed += submit(cfg, out, [j for jobs in plan.values() for j in jobs if not j.ended])
+        else:
+            for job in (j for jobs in plan.values() for j in jobs):
                 try:
                     train_job(job)
                 except (Interrupted, KeyboardInterrupt):
@@ -53,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as e:  # one broken run does not stop the others; the report names it
                     log.exception("%s failed", job.folder)
                     failed.append(f"{job.folder}: {type(e).__name__}: {e}")
-            if done == len(jobs) and (out / name / "report" / "summary.md").is_file():
+        for name in wanted:
+            if not fresh[name] and (out / name / "report" / "summary.md").is_file():
                 continue  # nothing new: its sweep report stands
             try:
                 write_report(out / name)

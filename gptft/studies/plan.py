@@ -56,6 +56,8 @@ def settings(argv: list[str]) -> tuple[DictConfig, Path, list[str]]:
             raise ConfigError(f"{arg!r}: write key=value, e.g. scale=smoke (python -m gptft.studies --help)")
         pairs.append(arg.split("=", 1))
     given = dict(pairs)
+    # How this call trains (in-process, or submitit jobs), not what it trains: free to differ when continuing.
+    how = {k: given.pop(k) for k in list(given) if k == "launcher" or k.startswith("submitit.")}
     out = Path(given.pop("out", None) or Path("outputs") / "studies" / f"{datetime.now():%Y-%m-%d_%H-%M-%S}")
     only = given.pop("only", None)
     saved = out / SAVED
@@ -72,6 +74,11 @@ def settings(argv: list[str]) -> tuple[DictConfig, Path, list[str]]:
         cfg = load_scale(given.pop("scale", "cpu"))
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in given.items()]))
         OmegaConf.resolve(cfg)
+    cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={v}" for k, v in how.items()]))
+    if cfg.get("launcher") not in (None, "local", "slurm"):
+        raise ConfigError(
+            f"launcher={cfg.launcher}: use local or slurm (submitit), or leave it unset (in-process)"
+        )
     wanted = [s.strip() for s in (only or "").split(",") if s.strip()] or list(cfg.studies)
     unknown = [s for s in wanted if s not in cfg.studies]
     if unknown:
@@ -197,3 +204,40 @@ def save_settings(cfg: DictConfig, out: Path) -> None:
     from gptft.utils.io import atomic_write_text
 
     atomic_write_text(out / SAVED, OmegaConf.to_yaml(cfg))
+
+
+def submit(cfg: DictConfig, out: Path, jobs: list[Job]) -> list[str]:
+    """Train `jobs` as submitit jobs (launcher=local: processes on this machine; slurm: a Slurm job array), at most
+    `submitit.parallel` at once; wait for them; return what failed. A job that dies is continued by the next call
+    like any stopped run."""
+    import submitit
+
+    params = {k: v for k, v in OmegaConf.to_container(cfg.submitit).items() if v is not None}
+    parallel = int(params.pop("parallel", 1))
+    if cfg.launcher == "slurm":
+        if not params.get("slurm_partition"):
+            raise ConfigError("launcher=slurm needs submitit.slurm_partition=<your cluster's partition>")
+        params["slurm_array_parallelism"] = parallel
+    else:
+        params = {k: v for k, v in params.items() if not k.startswith("slurm_")}
+    executor = submitit.AutoExecutor(folder=out / ".submitit" / "%j", cluster=cfg.launcher)
+    executor.update_parameters(name="gptft-studies", **params)
+    if cfg.launcher == "slurm":
+        with executor.batch():
+            handles = [executor.submit(train_job, job) for job in jobs]
+        waves = [list(zip(jobs, handles, strict=True))]
+    else:  # the local executor has no parallelism limit of its own: waves of `parallel` jobs
+        waves = [jobs[i : i + parallel] for i in range(0, len(jobs), parallel)]
+    failed = []
+    for wave in waves:
+        pairs = wave if cfg.launcher == "slurm" else [(job, executor.submit(train_job, job)) for job in wave]
+        for job, handle in pairs:
+            log.info("%s: job %s trains %s", job.study, handle.job_id, job.folder)
+        for job, handle in pairs:
+            try:
+                handle.result()
+            except Exception as e:  # the job's own traceback is in out/.submitit/<id>/
+                failed.append(
+                    f"{job.folder}: submitit job {handle.job_id}: {str(e).strip().splitlines()[-1]}"
+                )
+    return failed
