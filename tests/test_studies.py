@@ -1,4 +1,4 @@
-"""`python -m gptft.studies`: the claims' verdicts against an independent computation (scipy's t interval, every
+"""`python -m gptft.studies`: the claims' verdicts against an independent computation (mpmath's t quantile, every
 sign pattern enumerated, numpy's SVD), and the whole command on the tiny model: a report with a verdict line for every
 claim, and a second call after a kill that trains nothing twice."""
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from scipy import stats
+from oracle.independent import t_quantile
 
 from gptft.studies.claims import CLAIMS, Claim, judge
 from gptft.studies.weights import effective_rank
@@ -25,10 +25,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def independent(values: list[float], null: float) -> tuple[float, float, float, float]:
-    """Mean of value − null, scipy's 95% t interval, and the two-sided sign-flip p over all 2^n patterns."""
+    """Mean of value − null, an independent 95% t interval (mpmath), and the two-sided sign-flip p over all 2^n patterns."""
     d = np.asarray(values, dtype=np.float64) - null
     n, mean = len(d), float(d.mean())
-    low, high = stats.t.interval(0.95, n - 1, loc=mean, scale=d.std(ddof=1) / math.sqrt(n))
+    half = t_quantile(0.975, n - 1) * d.std(ddof=1) / math.sqrt(n)
+    low, high = mean - half, mean + half
     means = [abs(float(np.dot(signs, d))) / n for signs in itertools.product((1.0, -1.0), repeat=n)]
     p = sum(m >= abs(mean) - 1e-12 for m in means) / len(means)
     return mean, float(low), float(high), p

@@ -62,3 +62,20 @@ def flexible_extract(text: str) -> Decimal | None:
         return Decimal(value)
     except ArithmeticError:
         return None
+
+
+def t_quantile(p: float, df: int) -> float:
+    """Student's t quantile: mpmath's regularized incomplete beta (the CDF is 1 − ½·I_{df/(df+t²)}(df/2, ½) for
+    t > 0) in 40-digit arithmetic, and a bisection to 1e-15. Not scipy: where scipy is installed, every process of
+    the suite imports it (torchmetrics imports scipy.signal), a second each; gptft's quantile uses an A&S series."""
+    import mpmath
+
+    if not 0.5 < p < 1:
+        raise ValueError(f"p must be in (0.5, 1), got {p}")
+    with mpmath.workdps(40):
+        low, high = mpmath.mpf(0), mpmath.mpf(1e6)
+        while high - low > 1e-15 * high:
+            mid = (low + high) / 2
+            cdf = 1 - mpmath.betainc(df / 2, 0.5, 0, df / (df + mid**2), regularized=True) / 2
+            low, high = (mid, high) if cdf < p else (low, mid)
+        return float((low + high) / 2)

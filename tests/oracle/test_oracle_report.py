@@ -2,8 +2,8 @@
 
 The report's input is files, so these tests write run folders the way runs write them (`.hydra/overrides.yaml`,
 `metrics.json` with NaN written as `NaN`, TensorBoard events for the loss curve), run the report, and recompute
-every group and comparison number from the same files with numpy / statistics / scipy / itertools: group mean,
-sample std and 95% t interval (scipy's t quantile), B − A seed by seed, the sign-flip p by brute force over all
+every group and comparison number from the same files with numpy / statistics / mpmath / itertools: group mean,
+sample std and 95% t interval (mpmath's t quantile), B − A seed by seed, the sign-flip p by brute force over all
 2^n sign patterns, the freezing pair's time saving r of the training steps and of the fit. Nothing here imports
 gptft's arithmetic; gptft is only run (`write_report`) and read (`summary.json`, `summary.md`, the loss figure).
 """
@@ -17,10 +17,11 @@ import statistics
 import numpy as np
 import pytest
 import yaml
-from scipy import stats
 
 from gptft.report import write as report_write
 from gptft.report.write import write_report
+
+from independent import t_quantile
 
 EXACT = dict(rel=1e-9, abs=1e-12)
 SEEDS = [s for s in range(1, 13) if s != 5]  # 11 seeds, not consecutive: seeds are names, not positions
@@ -156,9 +157,9 @@ def _finite(x):
 
 
 def _t_interval(values):
-    """Mean, sample std and the 95% Student-t interval of the mean, with scipy's t quantile."""
+    """Mean, sample std and the 95% Student-t interval of the mean, with an independent t quantile (mpmath's incomplete beta)."""
     n, mean, std = len(values), float(np.mean(values)), float(np.std(values, ddof=1))
-    half = stats.t.ppf(0.975, n - 1) * std / math.sqrt(n)
+    half = t_quantile(0.975, n - 1) * std / math.sqrt(n)
     return mean, std, half
 
 
