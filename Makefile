@@ -19,7 +19,7 @@ WHEELS   ?=
 WHEELS_PY       ?= 3.11
 WHEELS_PLATFORM ?= x86_64-manylinux_2_28
 
-.PHONY: setup run test bench gpu-check wheels lint floors tensorboard dashboard clean
+.PHONY: setup run test base studies bench gpu-check wheels lint floors tensorboard dashboard clean
 
 setup: $(STAMP)
 
@@ -37,8 +37,21 @@ $(STAMP): pyproject.toml
 run: setup
 	HF_HUB_OFFLINE=1 $(PY) -m gptft.run experiment=quickstart
 
+# A pytest worker per core (pytest-xdist); --dist loadfile keeps each file on one worker, so a module's fixture
+# trains once, and --no-loadscope-reorder hands them out in tests/conftest.py's order (the slowest first, so the
+# workers end together; xdist would otherwise start the files with the most tests). TEST_WORKERS=1: one worker.
+TEST_WORKERS ?= $(shell nproc 2>/dev/null || echo 1)
+
 test: setup
-	MPLBACKEND=Agg $(PY) -m pytest -q
+	MPLBACKEND=Agg $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
+
+# The studies' offline base (experiment=base, pretrained on Moby Dick), then the five studies judged in one report
+# (SCALE=smoke|cpu|paper; ARGS= any other key=value of conf/studies/).
+base: setup
+	HF_HUB_OFFLINE=1 $(PY) -m gptft.run experiment=base
+
+studies: setup
+	HF_HUB_OFFLINE=1 $(PY) -m gptft.studies $(if $(SCALE),scale=$(SCALE)) $(ARGS)
 
 $(UV): $(STAMP)  # a .venv made before uv came in
 	$(PY) -m pip install -q uv

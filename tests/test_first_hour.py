@@ -311,7 +311,7 @@ def test_held_out_texts_style_ratio_equals_an_independent_count(resumed_run):
 
 
 def test_evaluate_shows_progress_on_a_terminal(tiny_model_dir, gptft_env, book_text, tmp_path):
-    """gptft-evaluate on a terminal (a pseudo-terminal of 200 columns here) draws a progress bar on stderr."""
+    """gptft-evaluate on a terminal (a pseudo-terminal of 300 columns here) draws a progress bar on stderr."""
     import fcntl
     import os
     import pty
@@ -324,8 +324,8 @@ def test_evaluate_shows_progress_on_a_terminal(tiny_model_dir, gptft_env, book_t
 
     leader, follower = pty.openpty()
     fcntl.ioctl(
-        follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0)
-    )  # tqdm draws nothing in 0 columns
+        follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 300, 0, 0)
+    )  # tqdm draws nothing in 0 columns, and no bar where the description (a path under xdist's tmp) fills them
     env = {k: v for k, v in gptft_env.items() if k != "TQDM_DISABLE"}
     text = tmp_path / "part.txt"
     text.write_text(book_text[:20000])
