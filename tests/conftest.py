@@ -19,7 +19,9 @@ FORCED_PRECISION = os.environ.get("GPTFT_CPU_BF16_SPEEDUP")
 # two workers of two torch threads each on 2 cores made every run several times slower (OpenMP threads spin).
 WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if WORKERS > 1:
-    os.environ["OMP_NUM_THREADS"] = str(max(1, len(os.sched_getaffinity(0)) // WORKERS))
+    # the cores this process may use (nproc's count), or all of them where the OS cannot say (macOS)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    os.environ["OMP_NUM_THREADS"] = str(max(1, cores // WORKERS))
 # The files that take longest start first, so that the workers end together (make test's xdist hands out whole files
 # in collection order: --dist loadfile --no-loadscope-reorder); measured with --durations on 2 cores, 2026-12-06.
 SLOW_FIRST = ("test_gpu_check.py", "test_search.py", "test_cli.py", "test_reliability.py", "test_run.py",
