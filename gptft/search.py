@@ -490,8 +490,9 @@ def busy(study: optuna.Study, folder: Path) -> int:
 
 def _stop_outside_training(signum: int, frame: FrameType | None) -> None:
     """SIGTERM between trials, or in a trial before or after its training, stops the search as Ctrl-C would.
-    During training Lightning's handler runs first and calls this one: there gptft.run's SafeStop ends the step
-    and writes the checkpoint, so this one does nothing."""
+    During training gptft.run's SafeStop takes the signal (it ends the step and writes the checkpoint); in the
+    fit's set-up, before SafeStop's turn, Lightning's handler runs first and calls this one, which then leaves
+    the stop to SafeStop (Lightning's note of the signal is read at the first step)."""
     if signal.getsignal(signal.SIGTERM) is _stop_outside_training:
         raise Interrupted("SIGTERM: stopped outside a training step")
 

@@ -79,19 +79,19 @@ def run_ok(run_gptft):
 @pytest.fixture(scope="session")
 def train_here(data_dir, tmp_path_factory):
     """`gptft.run.train` in this process, on the config Hydra composes from `overrides` (what gptft.search does for
-    a trial), into `out` (default: a new folder): no interpreter start, so seconds faster than a subprocess. Only
+    a trial), into `out` (default: a new folder), with `callbacks` beside the config's: no interpreter start, so seconds faster than a subprocess. Only
     for runs refused before training (the ConfigError's message is gptft.run's one line): in the full suite, runs
     trained here after the Slurm tests wrote no TensorBoard events (process-wide state left behind, probably
     Lightning's rank_zero_only.rank; not pinned down). The subprocess tests keep the command line's contract."""
     from gptft.run import train
     from gptft.search import compose
 
-    def run(*overrides: str, out: Path | None = None) -> dict:
+    def run(*overrides: str, out: Path | None = None, callbacks: tuple = ()) -> dict:
         out = out or tmp_path_factory.mktemp("here") / "run"
         saved = os.environ.get("GPTFT_DATA_DIR")
         os.environ["GPTFT_DATA_DIR"] = str(data_dir)
         try:
-            return train(compose(list(overrides), output_dir=out))
+            return train(compose(list(overrides), output_dir=out), callbacks)
         finally:
             if saved is None:
                 os.environ.pop("GPTFT_DATA_DIR")

@@ -7,13 +7,16 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Checkpoint
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from gptft.errors import Interrupted
 from gptft.utils.checkpoint import AtomicCheckpointIO
 
 from conftest import REPO
@@ -146,3 +149,30 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_whole(tmp_path):
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # no temporary file left behind
     assert torch.load(path, weights_only=True)["global_step"] == 1
+
+
+class _SigtermAfterSafeStop(Checkpoint):
+    """Sends this process SIGTERM from the hook of a checkpoint callback, which Lightning runs after SafeStop's:
+    the signal lands where a kill can land while `last.ckpt` is being written, after SafeStop looked for one."""
+
+    def __init__(self, at_step: int) -> None:
+        self.at_step = at_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.at_step:
+            signal.raise_signal(signal.SIGTERM)
+
+
+def test_sigterm_after_safestop_looked_still_stops_at_the_end_of_a_step(train_here, tmp_path):
+    """The CI failure of 2026-12-06 (test_search's stopped trial): SIGTERM while the checkpoint of step 2 was being
+    written reached Lightning's own check after the step, which stopped the run as "during validation"."""
+    assert threading.current_thread() is threading.main_thread()  # else the signal would end the test process
+    out = tmp_path / "run"
+    with pytest.raises(Interrupted) as stopped:
+        train_here("debug=fast", "trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2", out=out,
+                   callbacks=(_SigtermAfterSafeStop(at_step=2),))  # fmt: skip
+    last = out / "checkpoints" / "last.ckpt"
+    assert str(stopped.value) == f"SIGTERM: stopped after step 3, checkpoint {last}"
+    ckpt = torch.load(last, weights_only=True, map_location="cpu")
+    assert ckpt["global_step"] == metrics(out)["steps"] == 3 and metrics(out)["status"] == "interrupted"
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are put back after the run

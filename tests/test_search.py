@@ -395,8 +395,8 @@ def test_a_reordered_definition_is_the_same_study(continued):
 
 def test_sigterm_outside_training_stops_the_search_as_ctrl_c_would():
     """Between trials (or in a trial's loading, probes or export) SIGTERM raises Interrupted, which queues the trial
-    again; inside training Lightning's handler runs first and calls this one, which must then leave the stop to
-    SafeStop (the end of the step, with a checkpoint)."""
+    again; in a fit's set-up Lightning's handler runs first and calls this one, which must then leave the stop to
+    SafeStop (the end of the first step, with a checkpoint)."""
     from lightning.pytorch.trainer.connectors.signal_connector import _HandlersCompose
 
     from gptft.errors import Interrupted

@@ -40,7 +40,7 @@ class SafeStop(L.Callback):
     def __init__(self, check_every_n_steps: int = 10) -> None:
         self.check_every_n_steps = check_every_n_steps
         self._signal: str | None = None
-        self._previous: Any = None
+        self._previous: dict[int, Any] | None = None  # the handlers put back at teardown
         self._first_bad: torch.Tensor | None = None  # step of the first non-finite loss, -1 while none
         self._bad_loss: torch.Tensor | None = None
         self._flush_due = False  # a checkpoint was written since the loggers last flushed
@@ -50,12 +50,18 @@ class SafeStop(L.Callback):
         self._bad_loss = torch.tensor(0.0, device=pl_module.device)
         # Signals can only be caught in the main thread (a notebook cell may run elsewhere).
         if threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            # SIGTERM too, in place of Lightning's handler: Lightning stops after the step's checkpoint callbacks
+            # (or inside a validation) where the signal lands after this callback looked, without a checkpoint
+            # of the step. Under DDP every rank learns of a stop through the all-reduce of each step.
+            self._previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
 
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        self._signal = "SIGINT"
-        signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
-        log.warning("Ctrl-C: stopping at the end of this step (press Ctrl-C again to stop now)")
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C stops at once
+            log.warning("Ctrl-C: stopping at the end of this step (press Ctrl-C again to stop now)")
+        else:
+            log.warning("SIGTERM: stopping at the end of this step")
 
     def on_train_batch_end(
         self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
@@ -64,8 +70,8 @@ class SafeStop(L.Callback):
         new = ~torch.isfinite(loss) & (self._first_bad < 0)
         self._first_bad = torch.where(new, trainer.global_step, self._first_bad)
         self._bad_loss = torch.where(new, loss, self._bad_loss)
-        # Lightning notes SIGTERM itself (and broadcasts it under DDP); SIGINT is ours. Stop only after an
-        # optimizer step, never between the micro-batches of one (trainer.accumulate_grad_batches).
+        # Lightning's note of a SIGTERM that came before training (while the "before" probes ran) counts too. Stop
+        # only after an optimizer step, never between the micro-batches of one (trainer.accumulate_grad_batches).
         requested = self._signal is not None or bool(getattr(trainer, "received_sigterm", False))
         stop = requested and (batch_idx + 1) % trainer.accumulate_grad_batches == 0
         distributed = trainer.world_size > 1
@@ -145,5 +151,6 @@ class SafeStop(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            for signum, handler in self._previous.items():
+                signal.signal(signum, handler)
             self._previous = None
