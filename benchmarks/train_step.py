@@ -40,10 +40,13 @@ BATCH, SEQ, WARMUP, STEPS, REPEATS = 8, 256, 2, 8, 3  # benchmark 1 (benchmarks/
 GPT2_ARCH = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 256}
 HF_BF16 = cpu_bf16_speedup() >= BF16_MARGIN  # the Trainer's faster precision on this CPU (as auto decides)
 HF = f"HF Trainer {'bf16' if HF_BF16 else 'fp32'}"
-VARIANTS = ("bare fp32 loop", HF, "gptft fp32, full logits", "gptft fp32", "gptft defaults")
+TORCH_DROPOUT = ", torch dropout"  # a gptft variant with model.fast_dropout=false (the lever measured beside it)
+VARIANTS = ("bare fp32 loop", HF, "gptft fp32, full logits", "gptft fp32", "gptft defaults" + TORCH_DROPOUT,
+            "gptft defaults")  # fmt: skip
 # The precision each variant trains in: its share is taken of the ceiling in that precision.
 PRECISION = {"bare fp32 loop": "32-true", HF: "bf16-mixed" if HF_BF16 else "32-true", "gptft fp32, full logits":
              "32-true", "gptft fp32": "32-true", "gptft defaults": resolve_precision("auto", "cpu")}  # fmt: skip
+PRECISION |= {name + TORCH_DROPOUT: PRECISION[name] for name in ("gptft fp32", "gptft defaults")}
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ SHAPES = {
     ),
     # 2-5 s per step on a 2-core CPU: 1 + 3 steps per variant and repeat keep the run to about 3 minutes.
     "gpt2": Shape(
-        "gpt2", "GPT-2 124M: 12 layers, d 768", GPT2_ARCH, 1, 3, 2, (HF, "gptft fp32", "gptft defaults")
+        "gpt2", "GPT-2 124M: 12 layers, d 768", GPT2_ARCH, 1, 3, 2,
+        (HF, "gptft fp32" + TORCH_DROPOUT, "gptft fp32", "gptft defaults" + TORCH_DROPOUT, "gptft defaults"),
     ),
 }
 
@@ -105,16 +109,27 @@ def batches(n: int, batch: int = BATCH, seq: int = SEQ) -> list[tuple[torch.Tens
     return [data.train_sampler.batch(k)[:2] for k in range(n)]
 
 
-def fresh_model(arch: dict = ARCH) -> torch.nn.Module:
+def fresh_model(arch: dict = ARCH, fast_dropout: bool = True) -> torch.nn.Module:
+    """gptft's model: build_model's levers (the GELU kernel, fast dropout) on."""
     from gptft.models import build_model
 
     torch.manual_seed(0)
-    return build_model(arch=arch)
+    return build_model(arch=arch, fast_dropout=fast_dropout)
+
+
+def stock_model(arch: dict = ARCH) -> torch.nn.Module:
+    """The model as transformers builds it (SDPA attention, its GELU, torch's dropout), for the loops not gptft's."""
+    from transformers import AutoModelForCausalLM
+
+    from gptft.models import model_config
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(model_config(arch=arch), attn_implementation="sdpa").train()
 
 
 def bare_loop(data: list, arch: dict = ARCH) -> list[float]:
     """A hand-written fp32 loop: forward, full-logits cross-entropy, backward, foreach AdamW."""
-    model = fresh_model(arch)
+    model = stock_model(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
     times = []
     for x, y in data:
@@ -170,7 +185,7 @@ def hf_trainer(data: list, arch: dict = ARCH) -> list[float]:
             disable_tqdm=True,
             lr_scheduler_type="constant",
         )
-        Trainer(model=fresh_model(arch), args=args, train_dataset=Rows(), callbacks=[clock]).train()
+        Trainer(model=stock_model(arch), args=args, train_dataset=Rows(), callbacks=[clock]).train()
     return clock.times
 
 
@@ -189,7 +204,12 @@ class StepTimes(L.Callback):
 
 
 def gptft(
-    data: list, precision: str, loss_chunk: int, arch: dict | None = None, callbacks: list[L.Callback] = ()
+    data: list,
+    precision: str,
+    loss_chunk: int,
+    arch: dict | None = None,
+    callbacks: list[L.Callback] = (),
+    fast_dropout: bool = True,
 ) -> list[float]:
     """gptft's own path: CausalLM and its data module (the same batches: batch k of the seed's draw) through a
     Lightning Trainer, as `python -m gptft.run` trains. Benchmark 1's model unless `arch` is given (called as
@@ -199,7 +219,7 @@ def gptft(
     from gptft.utils.logs import quiet_lightning
 
     quiet_lightning()
-    model = fresh_model() if arch is None else fresh_model(arch)
+    model = fresh_model() if arch is None else fresh_model(arch, fast_dropout)
     task = CausalLM(model, {"lr": 1e-3, "weight_decay": 0.01}, {"name": "constant"}, loss_chunk=loss_chunk)
     clock = StepTimes()
     with tempfile.TemporaryDirectory() as out:
@@ -229,9 +249,9 @@ def run_variant(name: str, data: list, arch: dict = ARCH) -> list[float]:
         return hf_trainer(data, arch)
     if name == "gptft fp32, full logits":
         return gptft(data, "32-true", 0, arch)
-    if name == "gptft fp32":
-        return gptft(data, "32-true", 512, arch)
-    return gptft(data, "auto", 512, arch)
+    fast_dropout = not name.endswith(TORCH_DROPOUT)
+    precision = "32-true" if name.startswith("gptft fp32") else "auto"
+    return gptft(data, precision, 512, arch, fast_dropout=fast_dropout)
 
 
 def peak_memory_mb(loss_chunk: int) -> float:
@@ -285,7 +305,7 @@ def measure(shape: Shape) -> dict:
         for name in shape.variants:
             step_times = run_variant(name, data, shape.arch)[shape.warmup :]
             times[name].append(statistics.median(step_times))
-            print(f"repeat {repeat}: {name:<26} {times[name][-1]:.3f} s/step", flush=True)
+            print(f"repeat {repeat}: {name:<32} {times[name][-1]:.3f} s/step", flush=True)
     medians = {name: statistics.median(v) for name, v in times.items()}
     ceiling = {p: statistics.median(v) for p, v in ceiling_runs.items()}
     from gptft.models.flops import model_flops_per_token
@@ -297,8 +317,8 @@ def measure(shape: Shape) -> dict:
         f"{shape.repeats}): fp32 {ceiling['32-true']:.0f} GFLOP/s, bf16 {ceiling['bf16-mixed']:.0f} GFLOP/s; "
         f"{torch.get_num_threads()} threads; load average after: {os.getloadavg()[0]:.2f}"
     )
-    base = "bare fp32 loop" if "bare fp32 loop" in medians else "gptft fp32"
-    print(f"{'variant':<26}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
+    base = "bare fp32 loop" if "bare fp32 loop" in medians else "gptft fp32" + TORCH_DROPOUT
+    print(f"{'variant':<32}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
           f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}")  # fmt: skip
     rows = {}
     for name, m in medians.items():
@@ -307,7 +327,7 @@ def measure(shape: Shape) -> dict:
         rows[name] = {"precision": PRECISION[name], "s_per_step": m, "tokens_per_s": tokens / m, "gflops": achieved,
                       "share_of_ceiling": share, "vs_base": medians[base] / m, "vs_hf": medians[HF] / m}  # fmt: skip
         print(
-            f"{name:<26}{PRECISION[name]:>11}{m:>8.3f}{tokens / m:>10.0f}{achieved:>9.0f}{share:>10.0%} "
+            f"{name:<32}{PRECISION[name]:>11}{m:>8.3f}{tokens / m:>10.0f}{achieved:>9.0f}{share:>10.0%} "
             f"{medians[base] / m:>{len(base) + 4}.2f}×{medians[HF] / m:>7.2f}×"
         )
     return {"title": shape.title, "batch": shape.batch, "seq": shape.seq, "repeats": times, "medians": medians,
