@@ -138,3 +138,27 @@ def test_a_model_without_attention_dropout_keeps_sdpa():
     model = build_model(arch={"model_type": "gpt2", "n_layer": 1, "n_embd": 32, "n_head": 2, "attn_pdrop": 0.0})
     assert model.config._attn_implementation == "sdpa"
     assert {type(m) for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {Dropout}  # the others are ours
+
+
+def test_a_gpt2_trains_through_the_same_law_as_with_torchs_dropout(tiny_model_dir):
+    """The oracle is torch's own dropout: averaged over many draws, the residual stream after the first block and the
+    training loss are the same under both (a lost or doubled 1/(1 - p), or a mask at the wrong rate, shifts them)."""
+    fast = build_model(name_or_path=str(tiny_model_dir)).train()
+    plain = build_model(name_or_path=str(tiny_model_dir), fast_dropout=False).train()
+    x = torch.randint(0, 50257, (4, 64), generator=torch.Generator().manual_seed(9))
+
+    def draws(model, n=60):
+        rows = []
+        with torch.no_grad():
+            for i in range(n):
+                torch.manual_seed(1000 + i)
+                out = model(x, labels=x, output_hidden_states=True)
+                rows.append(torch.stack([out.hidden_states[1].pow(2).mean(), out.loss]).double())
+        return torch.stack(rows)
+
+    a, b = draws(fast), draws(plain)
+    se = (a.var(0) / len(a) + b.var(0) / len(b)).sqrt()
+    assert ((a.mean(0) - b.mean(0)).abs() < 4 * se).all(), (a.mean(0), b.mean(0), se)
+    with torch.no_grad():  # and dropout does move them: the test can tell a model without it
+        h = plain.eval()(x, output_hidden_states=True).hidden_states[1].pow(2).mean().double()
+    assert (a.mean(0)[0] - h).abs() > 4 * se[0]
