@@ -162,3 +162,13 @@ def test_a_gpt2_trains_through_the_same_law_as_with_torchs_dropout(tiny_model_di
     with torch.no_grad():  # and dropout does move them: the test can tell a model without it
         h = plain.eval()(x, output_hidden_states=True).hidden_states[1].pow(2).mean().double()
     assert (a.mean(0)[0] - h).abs() > 4 * se[0]
+
+
+def test_torch_compile_traces_the_model_in_one_graph():
+    """Under torch.compile the dropout and attention are torch's (Dynamo cannot trace `random_`): one graph, as
+    without fast dropout, not a graph break at every dropout."""
+    model = build_model(arch={"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 256})
+    x = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(10))
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(lambda ids: model.base_model(input_ids=ids, use_cache=False).last_hidden_state)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons

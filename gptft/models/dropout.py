@@ -6,7 +6,8 @@ bf16 training step on an AMX Xeon, whose attention masks alone are 8 × 12 × 25
 gives four elements their 16-bit lanes, dropped where a lane is below -32768 + round(p · 65536): p is rounded to
 1/65536 (0.1 → 0.1000061) and the kept values are scaled by 1 / (1 - that p), so the expectation stays exact. The
 draws come from torch's default generator, so a seed and a checkpoint's RNG state give the same masks again. Off the
-CPU (CUDA's fused Philox dropout is fast) everything here is torch's own.
+CPU (CUDA's fused Philox dropout is fast) and under torch.compile (inductor's generated code draws its own masks)
+everything here is torch's own.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ class _MaskedScale(torch.autograd.Function):
 
 
 def cpu_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
-    """F.dropout with masks from drop_mask on a CPU; F.dropout itself elsewhere, and for p of 0 or 1."""
-    if not training or p == 0.0 or p >= 1.0 or x.device.type != "cpu":
+    """F.dropout with masks from drop_mask on a CPU; F.dropout itself elsewhere, for p of 0 or 1, and under
+    torch.compile (Dynamo cannot trace `random_`, and inductor draws its own masks in generated code)."""
+    if not training or p == 0.0 or p >= 1.0 or x.device.type != "cpu" or torch.compiler.is_compiling():
         return F.dropout(x, p, training)
     return _MaskedScale.apply(x, drop_mask(x.shape, p, x.device), kept_scale(p))
 
@@ -81,7 +83,8 @@ def attention(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     simple = not any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "sinks", "s_aux"))
-    if dropout == 0.0 or query.device.type != "cpu" or getattr(module, "num_key_value_groups", 1) > 1 or not simple:
+    simple = simple and getattr(module, "num_key_value_groups", 1) == 1 and not torch.compiler.is_compiling()
+    if dropout == 0.0 or query.device.type != "cpu" or not simple:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)  # fmt: skip
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
