@@ -459,8 +459,10 @@ def check_sdpa(size: Size, device: torch.device, bf16: bool) -> Check:
 def check_ref_kl(size: Size, device: torch.device) -> Check:
     """The forgetting probe's ref_kl (gptft.callbacks.reference) when the run trains under bf16 autocast: the probe
     turns autocast off, so it must equal its value in fp32 training exactly, and an fp64 computation of the same KL
-    (plain torch, two fp64 copies of the models) to fp32's rounding, for a small drift (weights moved by 1e-2
-    relative; a 1e-3 move gives a KL of 4e-8 on the random-init model, below what fp32 log-probabilities resolve)."""
+    (plain torch, two fp64 copies of the models) to fp32's rounding, for a small drift (weights moved by 3e-2
+    relative: a KL of 3.2e-5 on the random-init model, which fp32 gave to 0.2% on an AMX Xeon and 0.02% with AVX2
+    kernels; a 1e-2 move's 3.6e-6 came out 1.8% off with AVX2's, over the bound, and a 1e-3 move's 4e-8 is below
+    what fp32 log-probabilities of about -10.8 resolve)."""
     import torch.nn.functional as F
 
     from gptft.callbacks.reference import ReferenceProbe
@@ -479,7 +481,7 @@ def check_ref_kl(size: Size, device: torch.device) -> Check:
     probe.probe("before", trainer, task)
     with torch.no_grad():
         for p in model.parameters():
-            p.add_(torch.randn_like(p) * 1e-2 * p.std().clamp(min=1e-3))
+            p.add_(torch.randn_like(p) * 3e-2 * p.std().clamp(min=1e-3))
     kl32 = probe.probe("after", trainer, task)["ref_kl"]
     with torch.autocast(device.type, dtype=torch.bfloat16):
         kl_bf16 = probe.probe("after", trainer, task)["ref_kl"]
@@ -500,7 +502,7 @@ def check_ref_kl(size: Size, device: torch.device) -> Check:
     return Check(
         "ref_kl under bf16 vs fp64",
         ok,
-        f"weights moved by 1e-2 (relative), {probe._x[:2].numel()} positions: fp64 KL {kl64:.4e}; the probe's "
+        f"weights moved by 3e-2 (relative), {probe._x[:2].numel()} positions: fp64 KL {kl64:.4e}; the probe's "
         f"ref_kl in fp32 training {kl32:.4e} (relative error {errors['fp32']:.1e} ≤ 1e-2), under bf16 autocast "
         f"{kl_bf16:.4e} ({'the same' if kl_bf16 == kl32 else 'differs'}); a KL computed under bf16 autocast would "
         f"read {naive:.4e} (error {errors['naive']:.0e})",
