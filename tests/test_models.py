@@ -57,6 +57,26 @@ def test_sampling_is_seeded_and_leaves_training_rng_alone(tiny_model_dir):
     assert model.training  # restored
 
 
+def test_sampling_under_model_compile_traces_no_graph(tiny_model_dir):
+    """Generation runs eagerly even where model.compile is on: every new length is a new shape, so a compiled
+    transformer would trace graph after graph as the cache grows. The same tokens as the model without compile."""
+    traced = []
+
+    def counting_backend(graph: torch.fx.GraphModule, inputs: list) -> object:
+        traced.append(graph)
+        return graph.forward
+
+    torch._dynamo.reset()
+    plain = build_model(name_or_path=str(tiny_model_dir))
+    compiled = build_model(name_or_path=str(tiny_model_dir))
+    compiled.base_model.compile(backend=counting_backend)  # what model.compile does, with a backend that counts
+    prompt = torch.tensor([[464, 582]])
+    tokens = sample_tokens(compiled, prompt, max_new_tokens=6, seed=5)
+    assert traced == [] and torch.equal(tokens, sample_tokens(plain, prompt, max_new_tokens=6, seed=5))
+    compiled.eval()(prompt)  # outside generation the compiled transformer does trace (the backend counts)
+    assert len(traced) >= 1
+
+
 def test_end_of_text_ends_a_sample_only_when_it_is_not_banned(tiny_model_dir):
     """A model whose every next token is most likely end-of-text (its final norm always outputs the EOT
     embedding): with ban_eot=False the rows stop there, with ban_eot=True they run to the full length."""
