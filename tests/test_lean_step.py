@@ -141,18 +141,22 @@ def test_gpt2_activation_is_torchs_kernel_computing_the_same_function(tiny_model
 
 def test_training_curves_match_with_and_without_chunking(run_ok, tmp_path):
     no_dropout = ("+model.arch.resid_pdrop=0.0", "+model.arch.embd_pdrop=0.0", "+model.arch.attn_pdrop=0.0")
+    # One multirun, the standard loss (job 0) and the chunked one (job 1); only the training curves are read.
+    run_ok(
+        "-m",
+        "debug=fast",
+        "optim.lr=1e-3",
+        "trainer.precision=32-true",
+        "task.loss_chunk=0,50",
+        "eval=off",
+        *no_dropout,
+        f"hydra.sweep.dir={tmp_path}",
+        "~hydra.callbacks.sweep_report",
+    )
     curves = {}
-    for chunk in (0, 50):
-        run = tmp_path / f"chunk{chunk}"
-        run_ok(
-            "debug=fast",
-            "optim.lr=1e-3",
-            "trainer.precision=32-true",
-            f"task.loss_chunk={chunk}",
-            *no_dropout,
-            f"hydra.run.dir={run}",
-        )
-        acc = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0})
+    for job, chunk in enumerate((0, 50)):
+        (run,) = tmp_path.glob(f"{job}_*/tensorboard")
+        acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
         acc.Reload()
         curves[chunk] = [e.value for e in acc.Scalars("train/loss")]
     assert len(curves[0]) == 10
