@@ -69,7 +69,8 @@ def test_sampling_under_model_compile_traces_no_graph(tiny_model_dir):
     torch._dynamo.reset()
     plain = build_model(name_or_path=str(tiny_model_dir))
     compiled = build_model(name_or_path=str(tiny_model_dir))
-    compiled.base_model.compile(backend=counting_backend)  # what model.compile does, with a backend that counts
+    # what model.compile does, with a backend that counts
+    compiled.base_model.compile(backend=counting_backend)
     prompt = torch.tensor([[464, 582]])
     tokens = sample_tokens(compiled, prompt, max_new_tokens=6, seed=5)
     assert traced == [] and torch.equal(tokens, sample_tokens(plain, prompt, max_new_tokens=6, seed=5))
