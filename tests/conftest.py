@@ -27,6 +27,11 @@ if WORKERS > 1:
 SLOW_FIRST = ("test_gpu_check.py", "test_search.py", "test_cli.py", "test_reliability.py", "test_run.py",
               "test_report.py", "test_scale.py", "test_trust.py", "test_studies.py")  # fmt: skip
 
+# For runs that force bf16-mixed: bf16 is emulated on a CPU without AVX-512 (500× slower), and the output layer's
+# products are most of a tiny model's work: 2 rows × 16 tokens and 2 validation windows instead of debug=fast's
+# 4 × 64 and 8 (≈ 8× less of it).
+SMALL_BF16 = ("data.seq_len=16", "data.batch_size=2", "data.val_windows=2")
+
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(SLOW_FIRST)}

@@ -17,6 +17,8 @@ from gptft.data import BookWindows
 from gptft.models import build_model
 from gptft.tasks import CausalLM
 
+from conftest import SMALL_BF16
+
 TINY = {"model_type": "gpt2", "n_layer": 2, "n_embd": 64, "n_head": 2, "n_positions": 64}
 NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
@@ -82,6 +84,7 @@ def test_user_command_clips_in_bf16_mixed(run_ok, tmp_path):
     run_ok(
         "debug=fast", "trainer.max_steps=2", "trainer.precision=bf16-mixed", "trainer.gradient_clip_val=1.0",
         "eval.max_new_tokens=4", "callbacks.reference.kl_tokens=16", f"hydra.run.dir={out}",
+        *SMALL_BF16,
     )  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["status"] == "completed" and metrics["steps"] == 2 and metrics["precision"] == "bf16-mixed"

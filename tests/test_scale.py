@@ -18,7 +18,7 @@ from gptft.data.windows import RandomTokens
 from gptft.models import build_model
 from gptft.models.flops import flops_per_token, model_flops_per_token
 
-from conftest import REPO
+from conftest import REPO, SMALL_BF16
 
 # The tiny model (tests/conftest.py): 2 blocks, d 64, 4 × d MLP, context 256, GPT-2's 50,257-word vocabulary.
 TINY_WTE = 50257 * 64
@@ -211,6 +211,7 @@ def test_bf16_and_compile_train_save_and_load(run_ok, tmp_path):
     run_ok(
         "debug=fast",
         "trainer.precision=bf16-mixed",
+        *SMALL_BF16,
         "model.compile=aot_eager",
         "trainer.max_steps=2",
         "trainer.val_check_interval=2",

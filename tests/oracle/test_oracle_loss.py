@@ -189,6 +189,10 @@ def bf16_run(run_ok, base_dir, tmp_path_factory) -> Path:
         "trainer.precision=bf16-mixed",
         "optim.lr=3e-5",
         "trainer.max_steps=2",
+        # bf16 is emulated on a CPU without AVX-512 (500× slower): 2 training rows and 2 validation windows, as
+        # only the forgetting probe (fp32, its own 64-token windows) is read
+        "data.batch_size=2",
+        "data.val_windows=2",
         "eval.repeats=0",
         "callbacks.reference.kl_tokens=64",
         f"hydra.run.dir={out}",
