@@ -966,8 +966,8 @@ def judge_experiment(
 
 # The settings whose paths only meet on a GPU, each run through gptft.run on the gpt2 shape with the probes on:
 # the key-only mask's hook with clipping (fused AdamW under bf16-mixed), gradient checkpointing and compile
-# (evaluation adds graphs; generation runs eagerly: gptft.models.generate); LoRA (PEFT's wrapped modules) compiled,
-# stopped and resumed one step on.
+# (validation adds graphs; the probes run eagerly: gptft.callbacks.before_after); LoRA (PEFT's wrapped modules)
+# compiled, stopped and resumed one step on.
 SMOKE = {
     "smoke qkv_parts=[k] + clip + checkpointing + compile": (
         "freeze=upper_qkv", "freeze.qkv_parts=[k]", "trainer.gradient_clip_val=1.0",

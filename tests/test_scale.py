@@ -232,6 +232,34 @@ def test_bf16_and_compile_train_save_and_load(run_ok, tmp_path):
         assert torch.equal(tensor, ckpt[f"model.{name}"]), name  # the export is the trained, fp32 model
 
 
+_TRACED: list[int] = []  # the graphs the counting backend below was handed
+
+
+def test_probes_run_eagerly_under_model_compile(train_here):
+    """The before/after probes (held-out loss, samples, the forgetting probe) add no graph to a compiled run: the
+    same graphs are traced with them as without them (eval=off), where they used to trace their own, 13-22 s of a
+    tiny run with aot_eager. A backend that counts the graphs Dynamo hands it stands in for inductor."""
+    import torch._dynamo
+
+    if "gptft_counting" not in torch._dynamo.list_backends(exclude_tags=()):
+
+        @torch._dynamo.register_backend(name="gptft_counting")
+        def counting(graph: torch.fx.GraphModule, inputs: list) -> object:
+            _TRACED.append(1)
+            return graph.forward
+
+    run = ("debug=fast", "trainer.precision=32-true", "model.compile=gptft_counting", "trainer.max_steps=2",
+           "trainer.val_check_interval=2", "eval.max_new_tokens=4", "callbacks.reference.kl_tokens=16")  # fmt: skip
+    counts = {}
+    for probes in ("eval=default", "eval=off"):
+        torch._dynamo.reset()  # no graph cached from the run before
+        _TRACED.clear()
+        metrics = train_here(*run, probes)
+        counts[probes] = len(_TRACED)
+        assert metrics["status"] == "completed", metrics
+    assert counts["eval=off"] > 0 and counts["eval=default"] == counts["eval=off"], counts
+
+
 def _compose(*overrides: str):
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
         return compose("config", overrides=list(overrides))

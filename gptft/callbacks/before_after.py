@@ -7,6 +7,7 @@ import time
 from typing import Any
 
 import lightning as L
+import torch
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +47,12 @@ class BeforeAfter(L.Callback):
 
     def _timed(self, when: str, trainer: L.Trainer, task: L.LightningModule) -> None:
         start = time.perf_counter()
-        self.prepare(trainer, task)
-        self.probe(when, trainer, task)
+        # Eager under model.compile: a probe runs twice, on shapes and dtypes of its own (the forgetting probe's
+        # fp32 windows, exact match's questions), so compiling it costs more than it saves: 13-22 s of a tiny
+        # run's probes with aot_eager on a CPU, and inductor builds kernels for each graph.
+        with torch.compiler.set_stance("force_eager"):
+            self.prepare(trainer, task)
+            self.probe(when, trainer, task)
         self.seconds[when] = round(time.perf_counter() - start, 3)
         self.used[when] = self.settings(trainer)
         if when == "after" and not self._comparable() and trainer.is_global_zero:
