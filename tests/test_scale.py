@@ -257,6 +257,7 @@ def test_probes_run_eagerly_under_model_compile(train_here):
         metrics = train_here(*run, probes)
         counts[probes] = len(_TRACED)
         assert metrics["status"] == "completed", metrics
+    torch._dynamo.reset()  # nothing compiled left behind for the in-process tests after this one
     assert counts["eval=off"] > 0 and counts["eval=default"] == counts["eval=off"], counts
 
 
