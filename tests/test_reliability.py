@@ -163,6 +163,16 @@ class _SigtermAfterSafeStop(Checkpoint):
             signal.raise_signal(signal.SIGTERM)
 
 
+def test_a_completed_run_puts_the_signal_handlers_back(train_here):
+    """A run in a process that goes on (a search's trials, a notebook) leaves the SIGINT and SIGTERM handlers as it
+    found them. Lightning puts its originals back before the callbacks' teardown, and SafeStop then put back the
+    Lightning handler it had replaced: the CI run of 2026-12-06 found it installed after an in-process run."""
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    metrics = train_here("debug=fast", "trainer.max_steps=2", "eval=off")
+    assert metrics["status"] == "completed"
+    assert {s: signal.getsignal(s) for s in before} == before
+
+
 def test_sigterm_after_safestop_looked_still_stops_at_the_end_of_a_step(train_here, tmp_path):
     """The CI failure of 2026-12-06 (test_search's stopped trial): SIGTERM while the checkpoint of step 2 was being
     written reached Lightning's own check after the step, which stopped the run as "during validation"."""

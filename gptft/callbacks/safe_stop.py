@@ -151,6 +151,10 @@ class SafeStop(L.Callback):
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self._previous is not None:
+            # Only where this callback's handler is still in place: Lightning puts back the handlers it found before
+            # the callbacks' teardown runs, and restoring the Lightning handler replaced here would leave it
+            # installed after the run (in a process that goes on: a search's trials, a notebook).
             for signum, handler in self._previous.items():
-                signal.signal(signum, handler)
+                if signal.getsignal(signum) == self._on_signal:
+                    signal.signal(signum, handler)
             self._previous = None
