@@ -83,13 +83,13 @@ def run_ok(run_gptft):
 
 @pytest.fixture(scope="session")
 def train_here(data_dir, tmp_path_factory):
-    """`gptft.run.train` in this process, on the config Hydra composes from `overrides` (what gptft.search does for
-    a trial), into `out` (default: a new folder), with `callbacks` beside the config's: no interpreter start, so
-    seconds faster than a subprocess. For runs refused before training (the ConfigError's message is gptft.run's one
-    line) and for tests that read no TensorBoard events (test_reliability's signal tests, test_scale's graph count):
-    in the full suite, runs trained here after the Slurm tests wrote no TensorBoard events (process-wide state left
-    behind, probably Lightning's rank_zero_only.rank; not pinned down). The subprocess tests keep the command line's
-    contract."""
+    """`gptft.run.train` in this process, on the config Hydra composes from `overrides` (what gptft.search
+    does for a trial), into `out` (default: a new folder), with `callbacks` beside the config's: no
+    interpreter start, so seconds faster than a subprocess. For runs refused before training (the
+    ConfigError's message is gptft.run's one line) and for tests that read no TensorBoard events
+    (test_reliability's signal tests, test_scale's graph count): in the full suite, runs trained here after
+    the Slurm tests wrote no TensorBoard events (process-wide state left behind, probably Lightning's
+    rank_zero_only.rank; not pinned down). The subprocess tests keep the command line's contract."""
     from gptft.run import train
     from gptft.search import compose
 
