@@ -99,6 +99,36 @@ def test_chunked_loss_under_bf16_autocast_is_within_bf16_precision():
         assert (ours.double() - exact).norm() / exact.norm() <= 2 * u
 
 
+def test_bf16_weight_gradient_is_accumulated_over_the_chunks_unrounded():
+    """On a CPU under bf16 autocast the head's weight gradient, Σ over chunks of gradᵀ · h, is summed in fp32 by the
+    product itself (oneDNN's bf16 math on fp32 tensors: inputs rounded to bf16, the accumulation and output fp32).
+    Oracle in fp64, from the same bf16 logits: that sum with the inputs rounded to bf16 (a CPU with bf16 units) or
+    not (one without: fp32 math), each within 1e-5. Rounding each chunk's product to bf16 before the sum, as the
+    step did before, errs by ≈ 1e-3."""
+    g = torch.Generator().manual_seed(4)
+    hidden = torch.randn(96, 64, generator=g, requires_grad=True)
+    weight = (torch.randn(1000, 64, generator=g) / 4).requires_grad_()
+    labels = torch.randint(0, 1000, (96,), generator=g)
+    labels[:5] = -100
+    with torch.autocast("cpu", torch.bfloat16):
+        loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk=32)
+    (ours,) = torch.autograd.grad(loss, weight)
+
+    def bf16(t):
+        return t.to(torch.bfloat16).double()
+
+    logits = bf16(bf16(hidden.detach()) @ bf16(weight.detach()).t())  # the products' bf16 output
+    valid = labels != -100
+    grad = torch.softmax(logits, dim=-1)
+    grad[torch.arange(len(labels)), labels.clamp(min=0)] -= 1
+    grad, h = grad[valid], hidden.detach().double()[valid]
+    errors = []
+    for rounding in (bf16, lambda t: t.float().double()):
+        exact = rounding(grad).t() @ rounding(h) / valid.sum()
+        errors.append(((ours.double() - exact).norm() / exact.norm()).item())
+    assert min(errors) <= 1e-5, errors
+
+
 def test_chunked_loss_under_fp16_autocast_is_within_fp16_precision():
     """fp16 (16-mixed: a GPU's, and torch's CPU autocast too) has bf16's error bound with u = 2⁻¹¹, but a range that
     ends at 6e-8: a gradient of the mean, (softmax − one-hot) / rows, underflowed there when each chunk's gradient

@@ -10,30 +10,49 @@ Triton, GPU only.)
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 from gptft.text.tokenizer import IGNORE_INDEX
 
-_CPU_BUFFER: dict[int, torch.Tensor] = {}  # vocabulary size → the one kept buffer
+_CPU_BUFFERS: dict[torch.dtype, torch.Tensor] = {}  # dtype → the kept buffer of that dtype (one head's width)
 
 
-def _logits_buffer(rows: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """An fp32 (rows, vocab) buffer for one chunk's logits, every pass over them in place. On a CPU one buffer is
+def _chunk_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, vocab) buffer for one chunk's logits, every pass over them in place. On a CPU one buffer per dtype is
     kept for the process (the largest asked for), because a fresh 100 MB tensor costs its page faults every time,
     40 ms here (torch's CPU allocator hands such blocks back to the system at once); CUDA's caching allocator
     already reuses its blocks."""
     if device.type != "cpu":
-        return torch.empty(rows, vocab, dtype=torch.float32, device=device)
-    kept = _CPU_BUFFER.get(vocab)
-    if kept is None or kept.size(0) < rows:
-        _CPU_BUFFER.clear()
-        kept = _CPU_BUFFER[vocab] = torch.empty(rows, vocab, dtype=torch.float32)
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
+    kept = _CPU_BUFFERS.get(dtype)
+    if kept is None or kept.size(0) < rows or kept.size(1) != vocab:
+        if any(b.size(1) != vocab for b in _CPU_BUFFERS.values()):
+            _CPU_BUFFERS.clear()  # another head's: not needed again
+        kept = _CPU_BUFFERS[dtype] = torch.empty(rows, vocab, dtype=dtype)
     return kept[:rows]
 
 
 def release_logits_buffer() -> None:
-    """Drop the kept CPU buffer: a run that measures its own memory (PeakMemory) then allocates, and counts, its own."""
-    _CPU_BUFFER.clear()
+    """Drop the kept CPU buffers: a run that measures its own memory (PeakMemory) then allocates, and counts, its own."""
+    _CPU_BUFFERS.clear()
+
+
+@contextlib.contextmanager
+def _fp32_accumulating_bf16_products() -> Iterator[None]:
+    """fp32 products inside run on oneDNN's bf16 units (AMX, AVX512-BF16) with fp32 accumulation and output: inputs
+    rounded to bf16 as autocast's are, the sum over chunks never rounded (torch's CPU mm has no bf16 → fp32 output,
+    and a bf16 product cast up and added costs three passes over the V × d weight gradient per chunk). Where the
+    CPU has no bf16 units torch keeps fp32 math."""
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
+    try:
+        with torch.autocast("cpu", enabled=False):
+            yield
+    finally:
+        torch.backends.mkldnn.matmul.fp32_precision = before
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -56,15 +75,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         w = weight.to(matmul_dtype)
         plain_fp32 = matmul_dtype == hidden.dtype == weight.dtype == torch.float32
-        buffer = _logits_buffer(min(chunk, hidden.size(0)), weight.size(0), hidden.device)
+        # bf16 on a CPU: the weight gradient accumulates over the chunks in fp32, from the fp32 gradient (below)
+        fp32_weight_grad = device == "cpu" and matmul_dtype == torch.bfloat16 and weight.requires_grad
+        rows_kept = min(chunk, hidden.size(0))
+        buffer = _chunk_buffer(rows_kept, weight.size(0), torch.float32, hidden.device)
+        # under autocast: the products' logits, then the gradient's cast (kept too: fresh, each costs page faults)
+        low = None if plain_fp32 else _chunk_buffer(rows_kept, weight.size(0), matmul_dtype, hidden.device)
         for start in range(0, hidden.size(0), chunk):
-            h, y = hidden[start : start + chunk].to(matmul_dtype), labels[start : start + chunk]
+            hidden_chunk, y = hidden[start : start + chunk], labels[start : start + chunk]
+            h = hidden_chunk.to(matmul_dtype)
             valid = valid_all[start : start + chunk].float()  # 1 for a labelled row, 0 for an ignored one
             logits = buffer[: len(y)]  # (chunk, V): the only logits alive at any time
             if plain_fp32:
                 torch.mm(h, w.t(), out=logits)
             else:
-                logits.copy_(h @ w.t())
+                logits.copy_(torch.mm(h, w.t(), out=low[: len(y)]))
             rows, target_ids = torch.arange(len(y), device=y.device), y.clamp(min=0)
             target = logits[rows, target_ids]
             row_max = logits.amax(dim=-1, keepdim=True)
@@ -79,20 +104,27 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             # (its smallest subnormal is 6e-8), which made 16-mixed's chunked gradient 100x off at 2,048 rows.
             grad = exp.mul_((valid / total)[:, None])
             grad[rows, target_ids] -= valid
-            grad = grad.to(matmul_dtype)  # no copy in fp32; under autocast one cast for both products
+            grad_low = grad if plain_fp32 else low[: len(y)].copy_(grad)  # under autocast one cast, both products
             if grad_hidden is not None:
                 if plain_fp32:
                     torch.mm(grad, w, out=grad_hidden[start : start + chunk])
                 else:
-                    grad_hidden[start : start + chunk] = grad @ w
-            if weight.requires_grad:
+                    grad_hidden[start : start + chunk] = grad_low @ w
+            if fp32_weight_grad:
+                with _fp32_accumulating_bf16_products():
+                    h32 = hidden_chunk.float()
+                    if grad_weight is None:
+                        grad_weight = torch.mm(grad.t(), h32)
+                    else:
+                        grad_weight.addmm_(grad.t(), h32)
+            elif weight.requires_grad:
                 if grad_weight is None:
-                    grad_weight = (grad.t() @ h).float()
+                    grad_weight = (grad_low.t() @ h).float()
                 elif plain_fp32:
                     grad_weight.addmm_(grad.t(), h)
                 else:
-                    grad_weight += (grad.t() @ h).float()
-            del logits, grad
+                    grad_weight += (grad_low.t() @ h).float()
+            del logits, grad, grad_low
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss
