@@ -97,6 +97,23 @@ def test_attention_is_transformers_eager_attention_with_the_masks_dropout_drew(q
         assert not torch.allclose(out, reference)  # the mask dropped something
 
 
+def test_attention_gradients_are_those_of_transformers_eager_attention_with_the_same_mask():
+    """attention's softmax and dropout have a backward of their own: its gradients with respect to q, k and v are
+    autograd's through transformers' eager attention (fp64) with the weights masked by the same draws."""
+    query, key, value = (t.requires_grad_() for t in _qkv(2, 3, 9, 9, 8))
+    torch.manual_seed(11)
+    out, _ = attention(_Attention(), query, key, value, None, dropout=0.1, scaling=0.3)
+    g = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    ours = torch.autograd.grad((out * g).sum(), (query, key, value))
+    torch.manual_seed(11)
+    keep = ~drop_mask((2, 3, 9, 9), 0.1)
+    causal = torch.zeros(9, 9, dtype=torch.float64).masked_fill(~torch.ones(9, 9).tril().bool(), -math.inf)
+    _, weights = eager_attention_forward(_Attention(), query, key, value, causal, scaling=0.3, dropout=0.0)
+    expected = torch.matmul(weights * keep / (1 - 6554 / 65536), value).transpose(1, 2)
+    for mine, exact in zip(ours, torch.autograd.grad((expected * g).sum(), (query, key, value)), strict=True):
+        assert torch.allclose(mine, exact, rtol=1e-10, atol=1e-12)
+
+
 def test_attention_under_bf16_autocast_multiplies_in_bf16_within_its_tolerance():
     query, key, value = (t.float() for t in _qkv(2, 4, 64, 64, 32))
     with torch.autocast("cpu", dtype=torch.bfloat16):
