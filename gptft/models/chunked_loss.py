@@ -17,21 +17,19 @@ import torch
 
 from gptft.text.tokenizer import IGNORE_INDEX
 
-_CPU_BUFFERS: dict[torch.dtype, torch.Tensor] = {}  # dtype → the kept buffer of that dtype (one head's width)
+_CPU_BUFFERS: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # (what it holds, dtype) → the kept buffer
 
 
-def _chunk_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A (rows, vocab) buffer for one chunk's logits, every pass over them in place. On a CPU one buffer per dtype is
-    kept for the process (the largest asked for), because a fresh 100 MB tensor costs its page faults every time,
-    40 ms here (torch's CPU allocator hands such blocks back to the system at once); CUDA's caching allocator
-    already reuses its blocks."""
+def _buffer(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A (rows, cols) buffer for `name` (a chunk's logits, their bf16 twin, the weight's bf16 cast), written in place.
+    On a CPU one per name and dtype is kept for the process (the largest asked for), because a fresh 100 MB tensor
+    costs its page faults every time, 40 ms here (glibc hands blocks above 32 MB back to the system at once); CUDA's
+    caching allocator already reuses its blocks."""
     if device.type != "cpu":
-        return torch.empty(rows, vocab, dtype=dtype, device=device)
-    kept = _CPU_BUFFERS.get(dtype)
-    if kept is None or kept.size(0) < rows or kept.size(1) != vocab:
-        if any(b.size(1) != vocab for b in _CPU_BUFFERS.values()):
-            _CPU_BUFFERS.clear()  # another head's: not needed again
-        kept = _CPU_BUFFERS[dtype] = torch.empty(rows, vocab, dtype=dtype)
+        return torch.empty(rows, cols, dtype=dtype, device=device)
+    kept = _CPU_BUFFERS.get((name, dtype))
+    if kept is None or kept.size(0) < rows or kept.size(1) != cols:
+        kept = _CPU_BUFFERS[(name, dtype)] = torch.empty(rows, cols, dtype=dtype)
     return kept[:rows]
 
 
@@ -73,14 +71,16 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         device = hidden.device.type
         # Under autocast the products run in its dtype: cast the weight once, and each chunk's gradient once.
         matmul_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        w = weight.to(matmul_dtype)
+        w = weight
+        if weight.dtype != matmul_dtype:  # kept: the cast lives only in this forward (the gradients are made here)
+            w = _buffer("weight", *weight.shape, matmul_dtype, hidden.device).copy_(weight)
         plain_fp32 = matmul_dtype == hidden.dtype == weight.dtype == torch.float32
         # bf16 on a CPU: the weight gradient accumulates over the chunks in fp32, from the fp32 gradient (below)
         fp32_weight_grad = device == "cpu" and matmul_dtype == torch.bfloat16 and weight.requires_grad
         rows_kept = min(chunk, hidden.size(0))
-        buffer = _chunk_buffer(rows_kept, weight.size(0), torch.float32, hidden.device)
+        buffer = _buffer("logits", rows_kept, weight.size(0), torch.float32, hidden.device)
         # under autocast: the products' logits, then the gradient's cast (kept too: fresh, each costs page faults)
-        low = None if plain_fp32 else _chunk_buffer(rows_kept, weight.size(0), matmul_dtype, hidden.device)
+        low = None if plain_fp32 else _buffer("logits", rows_kept, weight.size(0), matmul_dtype, hidden.device)
         for start in range(0, hidden.size(0), chunk):
             hidden_chunk, y = hidden[start : start + chunk], labels[start : start + chunk]
             h = hidden_chunk.to(matmul_dtype)
