@@ -8,7 +8,10 @@ precision each variant trains in, measured in every repeat beside the variants; 
 its model FLOPs per step (gptft.models.flops: 6·N + 12·L·d·T per token) over its time per step. The Hugging Face
 Trainer runs in its faster precision here: bf16 where the CPU runs bf16 products measurably faster (the rule trainer.precision=auto
 follows), else fp32. Peak memory is the growth of the process's peak RSS during training steps, each variant in a
-fresh subprocess. Prints a table per shape and writes outputs/benchmarks/train_step.json (an entry per shape).
+fresh subprocess. Prints a table per shape and writes outputs/benchmarks/train_step.json (an entry per shape). Beside
+the ratios of medians, each variant's paired figures: the median over repeats of its ratio to the HF Trainer and of
+its share of the ceiling, each within one repeat (the host's speed drifts between repeats; within one the variants
+run a few minutes apart), with their range.
 
 The same comparison runs at the studies' own shape, GPT-2 124M (12 layers, d 768, context 256, batch 8 × 256; fewer
 steps and repeats, and no bare loop, whose full fp32 logits alone take seconds there): at d 256 every product's inner
@@ -68,9 +71,9 @@ SHAPES = {
     "small": Shape(
         "small", "benchmark 1: GPT-2 with 4 layers, d 256", ARCH, WARMUP, STEPS, REPEATS, VARIANTS
     ),
-    # 2-5 s per step on a 2-core CPU: 1 + 3 steps per variant and repeat keep the run to about 3 minutes.
+    # 2-10 s per step on a 2-core CPU: 1 + 3 steps per variant and repeat, about 2.5 minutes a repeat.
     "gpt2": Shape(
-        "gpt2", "GPT-2 124M: 12 layers, d 768", GPT2_ARCH, 1, 3, 2,
+        "gpt2", "GPT-2 124M: 12 layers, d 768", GPT2_ARCH, 1, 3, 3,
         (HF, "gptft fp32" + TORCH_DROPOUT, "gptft fp32", "gptft defaults" + TORCH_DROPOUT, "gptft defaults"),
     ),
 }
@@ -319,16 +322,24 @@ def measure(shape: Shape) -> dict:
     )
     base = "bare fp32 loop" if "bare fp32 loop" in medians else "gptft fp32" + TORCH_DROPOUT
     print(f"{'variant':<32}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
-          f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}")  # fmt: skip
+          f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}{'paired vs HF':>20}{'paired of ceiling':>22}")  # fmt: skip
     rows = {}
     for name, m in medians.items():
         achieved = flops_per_step / m / 1e9
         share = achieved / ceiling[PRECISION[name]]
+        # The host's speed drifts between repeats (the same variant ±35%): within a repeat the variants and the
+        # ceiling run minutes apart, so the median of each repeat's own ratios is the steadier figure.
+        vs_hf = [hf / t for hf, t in zip(times[HF], times[name], strict=True)]
+        shares = [flops_per_step / t / 1e9 / c for t, c in zip(times[name], ceiling_runs[PRECISION[name]], strict=True)]
         rows[name] = {"precision": PRECISION[name], "s_per_step": m, "tokens_per_s": tokens / m, "gflops": achieved,
-                      "share_of_ceiling": share, "vs_base": medians[base] / m, "vs_hf": medians[HF] / m}  # fmt: skip
+                      "share_of_ceiling": share, "vs_base": medians[base] / m, "vs_hf": medians[HF] / m,
+                      "paired_vs_hf": statistics.median(vs_hf), "paired_vs_hf_repeats": vs_hf,
+                      "paired_share_of_ceiling": statistics.median(shares), "paired_share_repeats": shares}  # fmt: skip
+        paired = f"{statistics.median(vs_hf):.2f}× ({min(vs_hf):.2f}-{max(vs_hf):.2f})"
+        paired_share = f"{statistics.median(shares):.0%} ({min(shares):.0%}-{max(shares):.0%})"
         print(
             f"{name:<32}{PRECISION[name]:>11}{m:>8.3f}{tokens / m:>10.0f}{achieved:>9.0f}{share:>10.0%} "
-            f"{medians[base] / m:>{len(base) + 4}.2f}×{medians[HF] / m:>7.2f}×"
+            f"{medians[base] / m:>{len(base) + 4}.2f}×{medians[HF] / m:>7.2f}×{paired:>20}{paired_share:>22}"
         )
     return {"title": shape.title, "batch": shape.batch, "seq": shape.seq, "repeats": times, "medians": medians,
             "ceiling_gflops": ceiling, "ceiling_repeats": ceiling_runs, "flops_per_step": flops_per_step,
