@@ -320,7 +320,7 @@ def measure(shape: Shape) -> dict:
         f"{shape.repeats}): fp32 {ceiling['32-true']:.0f} GFLOP/s, bf16 {ceiling['bf16-mixed']:.0f} GFLOP/s; "
         f"{torch.get_num_threads()} threads; load average after: {os.getloadavg()[0]:.2f}"
     )
-    base = "bare fp32 loop" if "bare fp32 loop" in medians else "gptft fp32" + TORCH_DROPOUT
+    base = next((v for v in ("bare fp32 loop", "gptft fp32" + TORCH_DROPOUT) if v in medians), HF)
     print(f"{'variant':<32}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
           f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}{'paired vs HF':>20}{'paired of ceiling':>22}")  # fmt: skip
     rows = {}
