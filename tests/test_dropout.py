@@ -98,8 +98,8 @@ def test_attention_is_transformers_eager_attention_with_the_masks_dropout_drew(q
 
 
 def test_attention_gradients_are_those_of_transformers_eager_attention_with_the_same_mask():
-    """attention's softmax and dropout have a backward of their own: its gradients with respect to q, k and v are
-    autograd's through transformers' eager attention (fp64) with the weights masked by the same draws."""
+    """attention's gradients with respect to q, k and v are autograd's through transformers' eager attention (fp64)
+    with the weights masked by the same draws."""
     query, key, value = (t.requires_grad_() for t in _qkv(2, 3, 9, 9, 8))
     torch.manual_seed(11)
     out, _ = attention(_Attention(), query, key, value, None, dropout=0.1, scaling=0.3)

@@ -76,24 +76,6 @@ def cpu_dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tenso
     return _MaskedScale.apply(x, keep_mask(x.shape, p, x.device), kept_scale(p))
 
 
-class _SoftmaxKeep(torch.autograd.Function):
-    """softmax(scores) over the last dimension times a 0/1 keep mask, in the scores' dtype (torch computes a bf16
-    softmax in fp32 inside); dropout's 1/(1 - p) is the caller's. Under autocast a softmax would run in fp32 and be
-    cast back each way; here it is never upcast. Backward: the softmax's, of the gradient times the mask."""
-
-    @staticmethod
-    def forward(ctx: Any, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        with torch.autocast(scores.device.type, enabled=False):
-            weights = torch.softmax(scores, dim=-1)
-        ctx.save_for_backward(weights, keep)
-        return weights * keep
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
-        weights, keep = ctx.saved_tensors
-        return torch._softmax_backward_data(grad * keep, weights, -1, weights.dtype), None
-
-
 class Dropout(nn.Dropout):
     """nn.Dropout drawing its masks with `cpu_dropout` (a drop-in: same p, same state_dict)."""
 
@@ -133,9 +115,9 @@ def attention(
             attention_mask = bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
         # added in place to a product's output (which its backward does not need): no pass over it in backward
         scores.add_(attention_mask.to(scores.dtype))
-    # softmax and dropout's mask in the products' dtype, as transformers' eager attention under autocast rounds the
-    # weights; dropout's scale goes on v (T × 64 numbers, not T × T)
-    weights = _SoftmaxKeep.apply(scores, keep_mask(scores.shape, dropout, scores.device))
+    # in the products' dtype, as transformers' eager attention under autocast (torch computes it in fp32 inside);
+    # dropout multiplies by the uint8 mask, its scale goes on v (T × 64 numbers, not T × T)
+    weights = torch.softmax(scores, dim=-1).to(value.dtype) * keep_mask(scores.shape, dropout, scores.device)
     return torch.matmul(weights, value * kept_scale(dropout)).transpose(1, 2), None
 
 
