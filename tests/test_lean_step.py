@@ -74,17 +74,24 @@ def test_under_no_grad_it_is_the_loss_alone():
     assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
 
 
+def _head_problem(rows: int, vocab: int, ignored: int, seed: int):
+    """Hidden states (rows × 64), a head of logits' spread ≈ 2 (as a trained head's) and labels whose first
+    `ignored` are IGNORE_INDEX, each needing gradients where it can have them."""
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(rows, 64, generator=g, requires_grad=True)
+    weight = (torch.randn(vocab, 64, generator=g) / 4).requires_grad_()
+    labels = torch.randint(0, vocab, (rows,), generator=g)
+    labels[:ignored] = -100
+    return hidden, weight, labels
+
+
 def test_chunked_loss_under_bf16_autocast_is_within_bf16_precision():
     """Under bf16 autocast the loss's three products run in bf16 (fp32 accumulation inside the kernel, each output
     rounded to bf16 once), the log-sum-exp, the sums and the weight gradient's accumulation over chunks in fp32.
     Against fp64: a product of inputs each rounded to bf16 (8 significant bits, u = 2⁻⁸), then rounded itself,
     errs by ≤ 2u relative, so the loss and both gradients must agree within 2u (here: 6e-5, 0.30% and 0.31%; a
     chunk dropped or scaled wrong errs by tens of percent)."""
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(70, 64, generator=g, requires_grad=True)
-    weight = (torch.randn(1000, 64, generator=g) / 4).requires_grad_()  # logits of spread ≈ 2, as a trained head's
-    labels = torch.randint(0, 1000, (70,), generator=g)
-    labels[:6] = -100
+    hidden, weight, labels = _head_problem(70, 1000, ignored=6, seed=3)
     with torch.autocast("cpu", torch.bfloat16):
         loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk=32)  # 70 rows: 3 chunks, one short
     assert loss.dtype == torch.float32
@@ -105,11 +112,7 @@ def test_bf16_weight_gradient_is_accumulated_over_the_chunks_unrounded():
     Oracle in fp64, from the same bf16 logits: that sum with the inputs rounded to bf16 (a CPU with bf16 units) or
     not (one without: fp32 math), each within 1e-5. Rounding each chunk's product to bf16 before the sum, as the
     step did before, errs by ≈ 1e-3."""
-    g = torch.Generator().manual_seed(4)
-    hidden = torch.randn(96, 64, generator=g, requires_grad=True)
-    weight = (torch.randn(1000, 64, generator=g) / 4).requires_grad_()
-    labels = torch.randint(0, 1000, (96,), generator=g)
-    labels[:5] = -100
+    hidden, weight, labels = _head_problem(96, 1000, ignored=5, seed=4)
     with torch.autocast("cpu", torch.bfloat16):
         loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk=32)
     (ours,) = torch.autograd.grad(loss, weight)
@@ -134,11 +137,7 @@ def test_chunked_loss_under_fp16_autocast_is_within_fp16_precision():
     ends at 6e-8: a gradient of the mean, (softmax − one-hot) / rows, underflowed there when each chunk's gradient
     was built before the loss scale was known (2.4e-3 here, 5u; 100× off at 2,048 rows of a 50,257-row head). The
     loss's gradients are those of the sum, divided by the row count in backward: 3.5e-4."""
-    g = torch.Generator().manual_seed(3)
-    hidden = torch.randn(2048, 64, generator=g, requires_grad=True)
-    weight = (torch.randn(4096, 64, generator=g) / 4).requires_grad_()
-    labels = torch.randint(0, 4096, (2048,), generator=g)
-    labels[:6] = -100
+    hidden, weight, labels = _head_problem(2048, 4096, ignored=6, seed=3)
     with torch.autocast("cpu", torch.float16):
         loss = chunked_linear_cross_entropy(hidden, weight, labels, chunk=512)
     scale = 2.0**16  # GradScaler's first loss scale
