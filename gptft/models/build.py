@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gptft.errors import ConfigError
+from gptft.models.cpu_products import use_fp32_weight_gradients
 from gptft.models.dropout import use_fast_dropout
 from gptft.text.tokenizer import VOCAB_SIZE
 
@@ -129,6 +130,7 @@ def build_model(
     # fp32 master weights; train mode, as from_pretrained leaves eval mode (dropout off) and Lightning keeps it.
     model = model.to(torch.float32).train()
     fuse_gelu(model)
+    use_fp32_weight_gradients(model)  # GPT-2's linear layers under CPU bf16 autocast
     if fast_dropout:
         use_fast_dropout(model)
     if gradient_checkpointing:
