@@ -10,11 +10,9 @@ Triton, GPU only.)
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
-
 import torch
 
+from gptft.models import cpu_products
 from gptft.text.tokenizer import IGNORE_INDEX
 
 _CPU_BUFFERS: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # (what it holds, dtype) → the kept buffer
@@ -36,21 +34,6 @@ def _buffer(name: str, rows: int, cols: int, dtype: torch.dtype, device: torch.d
 def release_logits_buffer() -> None:
     """Drop the kept CPU buffers: a run that measures its own memory (PeakMemory) then allocates, and counts, its own."""
     _CPU_BUFFERS.clear()
-
-
-@contextlib.contextmanager
-def _fp32_accumulating_bf16_products() -> Iterator[None]:
-    """fp32 products inside run on oneDNN's bf16 units (AMX, AVX512-BF16) with fp32 accumulation and output: inputs
-    rounded to bf16 as autocast's are, the sum over chunks never rounded (torch's CPU mm has no bf16 → fp32 output,
-    and a bf16 product cast up and added costs three passes over the V × d weight gradient per chunk). Where the
-    CPU has no bf16 units torch keeps fp32 math."""
-    before = torch.backends.mkldnn.matmul.fp32_precision
-    torch.backends.mkldnn.matmul.fp32_precision = "bf16"
-    try:
-        with torch.autocast("cpu", enabled=False):
-            yield
-    finally:
-        torch.backends.mkldnn.matmul.fp32_precision = before
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -75,8 +58,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         if weight.dtype != matmul_dtype:  # kept: the cast lives only in this forward (the gradients are made here)
             w = _buffer("weight", *weight.shape, matmul_dtype, hidden.device).copy_(weight)
         plain_fp32 = matmul_dtype == hidden.dtype == weight.dtype == torch.float32
-        # bf16 on a CPU: the weight gradient accumulates over the chunks in fp32, from the fp32 gradient (below)
-        fp32_weight_grad = device == "cpu" and matmul_dtype == torch.bfloat16 and weight.requires_grad
+        # bf16 on a CPU: the weight gradient accumulates over the chunks in fp32, from the products' bf16 operands
+        fp32_weight_grad = (
+            device == "cpu" and matmul_dtype == torch.bfloat16 and weight.requires_grad and cpu_products.available()
+        )
         rows_kept = min(chunk, hidden.size(0))
         buffer = _buffer("logits", rows_kept, weight.size(0), torch.float32, hidden.device)
         # under autocast: the products' logits, then the gradient's cast (kept too: fresh, each costs page faults)
@@ -110,13 +95,10 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.mm(grad, w, out=grad_hidden[start : start + chunk])
                 else:
                     grad_hidden[start : start + chunk] = grad_low @ w
-            if fp32_weight_grad:
-                with _fp32_accumulating_bf16_products():
-                    h32 = hidden_chunk.float()
-                    if grad_weight is None:
-                        grad_weight = torch.mm(grad.t(), h32)
-                    else:
-                        grad_weight.addmm_(grad.t(), h32)
+            if fp32_weight_grad:  # MKL sums in fp32 (a bf16 product cast up and added: 3 passes over V × d, rounded)
+                if grad_weight is None:  # not a kept buffer: it becomes the weight's .grad
+                    grad_weight = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
+                cpu_products.add_transposed_product(grad_low, h, grad_weight, accumulate=start > 0)
             elif weight.requires_grad:
                 if grad_weight is None:
                     grad_weight = (grad_low.t() @ h).float()
