@@ -59,6 +59,7 @@ $(UV): $(STAMP)  # a .venv made before uv came in
 bench: setup $(UV)
 	$(UV) pip install -q --compile-bytecode --python $(PY) -e ".[dev,bench]"
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/train_step.py
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/products.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/data.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/probes.py
 	HF_HUB_OFFLINE=1 $(PY) benchmarks/weight_delta.py
