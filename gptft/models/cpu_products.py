@@ -5,7 +5,7 @@ batch's tokens. torch's CPU mm writes it in bf16 (rounded once more, then cast u
 a pass over the gradient) and has no bf16 → fp32 form (aten::mm.dtype is CUDA-only); oneDNN's bf16 math mode on fp32
 operands converts them inside, slower still. MKL's `cblas_gemm_bf16bf16f32`, which torch's x86 wheels link and export,
 multiplies bf16 on the CPU's bf16 units (AMX, AVX512-BF16) and accumulates into an fp32 output. On a 2-core AMX Xeon
-GPT-2 124M's block weight gradients (768 × 2048 × 3072) ran 1.15-1.45× as fast as torch's bf16 mm, and unrounded.
+GPT-2 124M's block weight gradients (768 × 2048 × 3072) ran 1.15-1.5× as fast as torch's bf16 mm, and unrounded.
 Elsewhere (no such symbol: torch built without MKL) `available()` is False and callers keep torch's products.
 """
 
