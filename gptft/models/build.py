@@ -18,6 +18,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from gptft.errors import ConfigError
+from gptft.models.cpu_kernels import GELUTanh
 from gptft.models.cpu_products import use_fp32_weight_gradients
 from gptft.models.dropout import use_fast_dropout
 from gptft.text.tokenizer import VOCAB_SIZE
@@ -158,14 +159,15 @@ def fuse_gelu(model: torch.nn.Module) -> int:
     (transformers' NewGELUActivation): 8 passes over the 4·d-wide activations forward, more in backward, each
     rounded to bf16 under autocast. torch's F.gelu(approximate="tanh") is the same function in one kernel (computed
     in fp32 inside), its gradient in one: swapped in module by module, so the config, and a model exported from
-    the run, still say gelu_new. Returns how many were swapped."""
-    from transformers.activations import ACT2FN, NewGELUActivation
+    the run, still say gelu_new. In bf16 on a CPU both come from gptft's fused kernels (torch's computes tanh with
+    Sleef: 4-5× slower; gptft.models.cpu_kernels). Returns how many were swapped."""
+    from transformers.activations import NewGELUActivation
 
     swapped = 0
     for module in list(model.modules()):
         for name, child in module.named_children():
             if type(child) is NewGELUActivation:
-                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
+                setattr(module, name, GELUTanh())
                 swapped += 1
     return swapped
 

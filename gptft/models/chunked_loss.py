@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from gptft.models import cpu_products
+from gptft.models import cpu_kernels, cpu_products
 from gptft.text.tokenizer import IGNORE_INDEX
 
 _CPU_BUFFERS: dict[tuple[str, torch.dtype], torch.Tensor] = {}  # (what it holds, dtype) → the kept buffer
@@ -62,34 +62,46 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         fp32_weight_grad = (
             device == "cpu" and matmul_dtype == torch.bfloat16 and weight.requires_grad and cpu_products.available()
         )
+        needs_grad = grad_hidden is not None or weight.requires_grad
         rows_kept = min(chunk, hidden.size(0))
-        buffer = _buffer("logits", rows_kept, weight.size(0), torch.float32, hidden.device)
+        # bf16 on a CPU: the passes over each chunk's logits in one fused loop per row (gptft.models.cpu_kernels),
+        # on the products' bf16 output itself, so no fp32 logits exist; else torch's operators on an fp32 copy
+        fused = device == "cpu" and matmul_dtype == torch.bfloat16 and cpu_kernels.available()
+        buffer = None if fused else _buffer("logits", rows_kept, weight.size(0), torch.float32, hidden.device)
         # under autocast: the products' logits, then the gradient's cast (kept too: fresh, each costs page faults)
         low = None if plain_fp32 else _buffer("logits", rows_kept, weight.size(0), matmul_dtype, hidden.device)
         for start in range(0, hidden.size(0), chunk):
             hidden_chunk, y = hidden[start : start + chunk], labels[start : start + chunk]
             h = hidden_chunk.to(matmul_dtype)
             valid = valid_all[start : start + chunk].float()  # 1 for a labelled row, 0 for an ignored one
-            logits = buffer[: len(y)]  # (chunk, V): the only logits alive at any time
-            if plain_fp32:
-                torch.mm(h, w.t(), out=logits)
-            else:
-                logits.copy_(torch.mm(h, w.t(), out=low[: len(y)]))
             rows, target_ids = torch.arange(len(y), device=y.device), y.clamp(min=0)
-            target = logits[rows, target_ids]
-            row_max = logits.amax(dim=-1, keepdim=True)
-            exp = logits.sub_(row_max).exp_()  # softmax numerators, in place
-            total = exp.sum(dim=-1)
-            lse = row_max.squeeze(1) + total.log()
-            loss += ((lse - target) * valid).sum() / count
-            if grad_hidden is None and not weight.requires_grad:
-                continue
-            # d (summed loss) / d logits = softmax - one_hot, built in place over the numerators. The mean's
-            # 1/count is applied in backward, after the products: (softmax - one_hot) / count underflows fp16
-            # (its smallest subnormal is 6e-8), which made 16-mixed's chunked gradient 100x off at 2,048 rows.
-            grad = exp.mul_((valid / total)[:, None])
-            grad[rows, target_ids] -= valid
-            grad_low = grad if plain_fp32 else low[: len(y)].copy_(grad)  # under autocast one cast, both products
+            if fused:
+                # d (summed loss) / d logits = softmax - one_hot, written over the logits in bf16
+                grad = grad_low = torch.mm(h, w.t(), out=low[: len(y)])
+                lse, target = cpu_kernels.cross_entropy_rows(grad_low, target_ids, valid, grad=needs_grad)
+                loss += ((lse - target) * valid).sum() / count
+                if not needs_grad:
+                    continue
+            else:
+                logits = buffer[: len(y)]  # (chunk, V): the only logits alive at any time
+                if plain_fp32:
+                    torch.mm(h, w.t(), out=logits)
+                else:
+                    logits.copy_(torch.mm(h, w.t(), out=low[: len(y)]))
+                target = logits[rows, target_ids]
+                row_max = logits.amax(dim=-1, keepdim=True)
+                exp = logits.sub_(row_max).exp_()  # softmax numerators, in place
+                total = exp.sum(dim=-1)
+                lse = row_max.squeeze(1) + total.log()
+                loss += ((lse - target) * valid).sum() / count
+                if not needs_grad:
+                    continue
+                # d (summed loss) / d logits = softmax - one_hot, built in place over the numerators. The mean's
+                # 1/count is applied in backward, after the products: (softmax - one_hot) / count underflows fp16
+                # (its smallest subnormal is 6e-8), which made 16-mixed's chunked gradient 100x off at 2,048 rows.
+                grad = exp.mul_((valid / total)[:, None])
+                grad[rows, target_ids] -= valid
+                grad_low = grad if plain_fp32 else low[: len(y)].copy_(grad)  # under autocast one cast, both products
             if grad_hidden is not None:
                 if plain_fp32:
                     torch.mm(grad, w, out=grad_hidden[start : start + chunk])
@@ -106,7 +118,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     grad_weight.addmm_(grad.t(), h)
                 else:
                     grad_weight += (grad_low.t() @ h).float()
-            del logits, grad, grad_low
+            del grad, grad_low
         ctx.weight_dtype = weight.dtype
         ctx.save_for_backward(grad_hidden, grad_weight, count)
         return loss

@@ -12,23 +12,16 @@ everything here is torch's own.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptft.models import cpu_kernels
+
 ATTENTION = "gptft_sdpa"  # the name registered with transformers (see register_attention)
 LANES = 1 << 16
-
-
-def _lanes(shape: torch.Size | tuple[int, ...], device: torch.device | str) -> torch.Tensor:
-    """Uniform 16-bit integers, one per element: four lanes of each 64-bit draw from torch's default generator."""
-    n = math.prod(shape)
-    # random_(-2**63, None): the full 64-bit range, every bit uniform (random_() alone keeps the sign bit 0)
-    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)
-    return words.view(torch.int16)[:n].view(shape)
 
 
 def _threshold(p: float) -> int:
@@ -36,16 +29,19 @@ def _threshold(p: float) -> int:
     return -(LANES // 2) + round(p * LANES)
 
 
-def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """A bool mask, True (dropped) with probability round(p · 65536) / 65536 per element, independently."""
-    return _lanes(shape, device) < _threshold(p)
-
-
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
-    """~drop_mask of the same draws as uint8 1 (kept) and 0 (dropped), to multiply by: on a CPU a product with a uint8
-    mask runs several times faster than a fill or a product through a bool one (bf16, 8 × 12 × 256 × 256: 1.7
-    against 7.8 and 6.5 ms), in 1 byte per element as a bool (the comparison's bool, viewed as uint8)."""
-    return (_lanes(shape, device) >= _threshold(p)).view(torch.uint8)
+    """uint8 1 (kept) and 0 (dropped), each element dropped with probability round(p · 65536) / 65536, independently:
+    its signed 16-bit lane of a SplitMix64 stream (four lanes per 64-bit number) below -32768 + round(p · 65536). The
+    stream's key is one 64-bit draw from torch's default generator, so a seed and a checkpoint's RNG state give the
+    same masks again. uint8, to multiply by: on a CPU a product with a uint8 mask runs several times faster than a
+    fill or a product through a bool one (bf16, 8 × 12 × 256 × 256: 1.7 against 7.8 and 6.5 ms)."""
+    key = int(torch.empty((), dtype=torch.int64).random_(-(2**63), None))  # every bit uniform (random_() keeps the sign 0)
+    return cpu_kernels.keep_mask(shape, _threshold(p), key, device)
+
+
+def drop_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The bool mask of the elements `keep_mask` drops (True: dropped), from the same draw."""
+    return keep_mask(shape, p, device) == 0
 
 
 def kept_scale(p: float) -> float:
