@@ -83,6 +83,52 @@ void cross_entropy_bf16(uint16_t *logits, int64_t rows, int64_t cols, const int6
     }
 }
 
+/* Attention's weights from its scores, for `rows` rows (batch × heads × queries, query i of each q_len at row
+   i mod q_len) of `cols` keys, causal: query i sees keys 0 .. i + offset. probs = softmax over the keys it sees
+   (fp32 inside, rounded to bf16 once, 0 beyond), dropped = probs where keep is 1, else 0 (dropout's scale is the
+   caller's). One pass over each row in the cache, where torch makes six: the mask added, the casts to fp32 and
+   back, the softmax's, the mask's product. */
+void attention_probs_bf16(const uint16_t *scores, uint16_t *probs, uint16_t *dropped, const uint8_t *keep,
+                          int64_t rows, int64_t cols, int64_t q_len, int64_t offset) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *s = scores + r * cols;
+        uint16_t *p = probs + r * cols, *d = dropped + r * cols;
+        const uint8_t *k = keep + r * cols;
+        int64_t seen = r % q_len + offset + 1;
+        seen = seen < cols ? seen : cols;
+        float m = bf16_to_float(s[0]), total = 0.0f;
+        for (int64_t j = 1; j < seen; j++) {
+            float v = bf16_to_float(s[j]);
+            m = v > m ? v : m;
+        }
+        for (int64_t j = 0; j < seen; j++) total += expf(bf16_to_float(s[j]) - m);
+        float inverse = 1.0f / total;
+        for (int64_t j = 0; j < seen; j++) {
+            uint16_t v = float_to_bf16(expf(bf16_to_float(s[j]) - m) * inverse);
+            p[j] = v;
+            d[j] = k[j] ? v : 0;
+        }
+        for (int64_t j = seen; j < cols; j++) p[j] = d[j] = 0;
+    }
+}
+
+/* The scores' gradient from the dropped weights' gradient: with g = grad_dropped where keep is 1 (else 0),
+   grad_scores = probs * (g - sum_j g_j probs_j), in fp32, rounded to bf16 once. */
+void attention_probs_backward_bf16(const uint16_t *grad_dropped, const uint16_t *probs, const uint8_t *keep,
+                                   uint16_t *grad_scores, int64_t rows, int64_t cols) {
+#pragma omp parallel for schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = grad_dropped + r * cols, *p = probs + r * cols;
+        const uint8_t *k = keep + r * cols;
+        uint16_t *out = grad_scores + r * cols;
+        float dot = 0.0f;
+        for (int64_t j = 0; j < cols; j++) dot += (k[j] ? bf16_to_float(g[j]) : 0.0f) * bf16_to_float(p[j]);
+        for (int64_t j = 0; j < cols; j++)
+            out[j] = float_to_bf16(bf16_to_float(p[j]) * ((k[j] ? bf16_to_float(g[j]) : 0.0f) - dot));
+    }
+}
+
 /* SplitMix64 of a counter: the i-th number of the stream keyed by `key` (Steele, Lea and Flood 2014) */
 static inline uint64_t splitmix64(uint64_t key, uint64_t i) {
     uint64_t z = key + (i + 1) * 0x9e3779b97f4a7c15ull;

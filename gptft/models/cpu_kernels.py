@@ -38,6 +38,8 @@ _SIGNATURES = {
     "gelu_tanh_backward_bf16": [_PTR, _PTR, _PTR, _I64],
     "cross_entropy_bf16": [_PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, ctypes.c_int],
     "keep_mask": [_PTR, _I64, ctypes.c_uint64, ctypes.c_int32],
+    "attention_probs_bf16": [_PTR, _PTR, _PTR, _PTR, _I64, _I64, _I64, _I64],
+    "attention_probs_backward_bf16": [_PTR, _PTR, _PTR, _PTR, _I64, _I64],
 }
 
 
@@ -93,7 +95,7 @@ def available() -> bool:
     return _library() is not None
 
 
-def _applies(*tensors: torch.Tensor) -> bool:
+def applies_to(*tensors: torch.Tensor) -> bool:
     """The kernels take contiguous bf16 CPU tensors, outside torch.compile's tracing."""
     return (
         all(t.device.type == "cpu" and t.dtype == torch.bfloat16 and t.is_contiguous() for t in tensors)
@@ -123,7 +125,7 @@ class _GELUTanh(torch.autograd.Function):
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """torch.nn.functional.gelu(x, approximate="tanh"), from the fused kernel for a contiguous bf16 CPU tensor."""
-    if _applies(x):
+    if applies_to(x):
         return _GELUTanh.apply(x)
     return torch.nn.functional.gelu(x, approximate="tanh")
 
@@ -140,13 +142,41 @@ def cross_entropy_rows(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """For contiguous bf16 CPU logits (rows × V), int64 targets and fp32 row weights: each row's log-sum-exp and its
     target's logit, in fp32. With `grad` the logits are overwritten, in bf16, with weights · (softmax - one_hot): the
-    gradient of Σ weights · loss. Callers check `_applies(logits)` first."""
+    gradient of Σ weights · loss. Callers check `applies_to(logits)` first."""
     rows, cols = logits.shape
     targets, weights = targets.contiguous(), weights.to(torch.float32).contiguous()
     lse, target_logit = torch.empty(rows), torch.empty(rows)
     _library().cross_entropy_bf16(logits.data_ptr(), rows, cols, targets.data_ptr(), weights.data_ptr(),
                                   lse.data_ptr(), target_logit.data_ptr(), int(grad))  # fmt: skip
     return lse, target_logit
+
+
+class _AttentionProbs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        q_len, cols = scores.shape[-2:]
+        probs, dropped = torch.empty_like(scores), torch.empty_like(scores)
+        _library().attention_probs_bf16(scores.data_ptr(), probs.data_ptr(), dropped.data_ptr(), keep.data_ptr(),
+                                        scores.numel() // cols, cols, q_len, cols - q_len)  # fmt: skip
+        ctx.save_for_backward(probs, keep)
+        return dropped
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        probs, keep = ctx.saved_tensors
+        grad = grad.to(torch.bfloat16).contiguous()
+        cols = probs.size(-1)
+        out = torch.empty_like(probs)
+        _library().attention_probs_backward_bf16(grad.data_ptr(), probs.data_ptr(), keep.data_ptr(), out.data_ptr(),
+                                                 probs.numel() // cols, cols)  # fmt: skip
+        return out, None
+
+
+def causal_attention_probs(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """softmax(scores + the causal mask) · keep for contiguous bf16 CPU scores (..., q_len, kv_len), where query i
+    sees the keys up to i + kv_len - q_len, and a uint8 keep mask of their shape: the weights of causal attention
+    with dropout's mask applied (its scale is the caller's), in one pass each way. Callers check `applies_to(scores)`."""
+    return _AttentionProbs.apply(scores, keep.contiguous())
 
 
 _GAMMA, _MIX1, _MIX2 = 0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB  # SplitMix64's constants

@@ -102,6 +102,10 @@ def attention(
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scale, key.transpose(-1, -2))
     q_len, kv_len = scores.shape[-2:]
+    if attention_mask is None and getattr(module, "is_causal", True) and cpu_kernels.applies_to(scores):
+        # bf16 on a CPU: the causal mask, the softmax and dropout's mask in one fused pass each way
+        weights = cpu_kernels.causal_attention_probs(scores, keep_mask(scores.shape, dropout, scores.device))
+        return torch.matmul(weights, value * kept_scale(dropout)).transpose(1, 2), None
     if attention_mask is None and q_len > 1 and getattr(module, "is_causal", True):
         # SDPA's mask is None where is_causal alone says it: the last q_len of kv_len positions see their past
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
