@@ -3,15 +3,15 @@ comes to the machine's limit.
 
 Run by hand (`make bench`). GPT-2 with 4 layers, d 256, context 256, batch 8 × 256, the same Gulliver
 batches for every variant, the same thread count; interleaved repeats; medians of per-step times after
-warm-up steps. The limit is the machine's matrix-product ceiling (GFLOP/s of a large square product) in the
-precision each variant trains in, measured in every repeat beside the variants; a variant's achieved GFLOP/s is
-its model FLOPs per step (gptft.models.flops: 6·N + 12·L·d·T per token) over its time per step. The Hugging Face
+warm-up steps. The limit is the machine's matrix-product ceiling (GFLOP/s of a 2048² product) in the precision
+each variant trains in, probed beside every step (just before and just after it, the faster of the two); a step's
+achieved GFLOP/s is its model FLOPs (gptft.models.flops: 6·N + 12·L·d·T per token) over its time. The Hugging Face
 Trainer runs in its faster precision here: bf16 where the CPU runs bf16 products measurably faster (the rule trainer.precision=auto
 follows), else fp32. Peak memory is the growth of the process's peak RSS during training steps, each variant in a
 fresh subprocess. Prints a table per shape and writes outputs/benchmarks/train_step.json (an entry per shape). Beside
-the ratios of medians, each variant's paired figures: the median over repeats of its ratio to the HF Trainer and of
-its share of the ceiling, each within one repeat (the host's speed drifts between repeats; within one the variants
-run a few minutes apart), with their range.
+the ratios of medians, each variant's paired figures: the median over repeats of its ratio to the HF Trainer within
+one repeat (the host's speed drifts between repeats; within one the variants run a few minutes apart), and the
+median over its steps of each step's share of the ceiling probed beside it, with their ranges.
 
 The same comparison runs at the studies' own shape, GPT-2 124M (12 layers, d 768, context 256, batch 8 × 256; fewer
 steps and repeats, and no bare loop, whose full fp32 logits alone take seconds there): at d 256 every product's inner
@@ -100,6 +100,31 @@ def matmul_gflops(
     return statistics.median(rates)
 
 
+class CeilingProbe:
+    """The ceiling beside each step: one 2048² product in the step's precision timed just before the step and one
+    just after it, outside the step's own time; the step's ceiling is the faster of the two. The AMX units of a
+    shared host change speed from one minute to the next (445-2,601 GFLOP/s in one session), so a ceiling
+    measured once per repeat, minutes from the steps, made shares of 27-166% in one run."""
+
+    def __init__(self, precision: str, n: int = 2048):
+        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float32
+        self.a, self.b = (torch.randn(n, n).to(dtype) for _ in range(2))
+        self.a @ self.b  # warm-up: oneDNN picks its kernel
+        self.rates: list[float] = []
+        self._before = 0.0
+
+    def _rate(self) -> float:
+        start = time.perf_counter()
+        self.a @ self.b
+        return 2 * self.a.size(0) ** 3 / (time.perf_counter() - start) / 1e9
+
+    def before(self) -> None:
+        self._before = self._rate()
+
+    def after(self) -> None:
+        self.rates.append(max(self._before, self._rate()))
+
+
 def data_dir() -> str:
     return os.environ.get("GPTFT_DATA_DIR", "data")
 
@@ -130,12 +155,14 @@ def stock_model(arch: dict = ARCH) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(model_config(arch=arch), attn_implementation="sdpa").train()
 
 
-def bare_loop(data: list, arch: dict = ARCH) -> list[float]:
+def bare_loop(data: list, arch: dict = ARCH, probe: CeilingProbe | None = None) -> list[float]:
     """A hand-written fp32 loop: forward, full-logits cross-entropy, backward, foreach AdamW."""
     model = stock_model(arch)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01, foreach=True)
     times = []
     for x, y in data:
+        if probe:
+            probe.before()
         start = time.perf_counter()
         logits = model(input_ids=x, use_cache=False).logits
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
@@ -144,10 +171,12 @@ def bare_loop(data: list, arch: dict = ARCH) -> list[float]:
         opt.zero_grad(set_to_none=True)
         loss.item()
         times.append(time.perf_counter() - start)
+        if probe:
+            probe.after()
     return times
 
 
-def hf_trainer(data: list, arch: dict = ARCH) -> list[float]:
+def hf_trainer(data: list, arch: dict = ARCH, probe: CeilingProbe | None = None) -> list[float]:
     """transformers.Trainer in its faster precision here, on the same windows (it shifts the labels itself)."""
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
@@ -166,10 +195,14 @@ def hf_trainer(data: list, arch: dict = ARCH) -> list[float]:
             self.times, self.start = [], 0.0
 
         def on_step_begin(self, *args, **kwargs):
+            if probe:
+                probe.before()
             self.start = time.perf_counter()
 
         def on_step_end(self, *args, **kwargs):
             self.times.append(time.perf_counter() - self.start)
+            if probe:
+                probe.after()
 
     clock = StepClock()
     with tempfile.TemporaryDirectory() as out:
@@ -193,17 +226,23 @@ def hf_trainer(data: list, arch: dict = ARCH) -> list[float]:
 
 
 class StepTimes(L.Callback):
-    """Each training batch's time: forward, backward and optimizer step, as the bare loop times them."""
+    """Each training batch's time: forward, backward and optimizer step, as the bare loop times them; the ceiling
+    probed beside each, where a probe is given."""
 
-    def __init__(self):
+    def __init__(self, probe: CeilingProbe | None = None):
         self.times: list[float] = []
         self._start = 0.0
+        self.probe = probe
 
     def on_train_batch_start(self, *args: object) -> None:
+        if self.probe:
+            self.probe.before()
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, *args: object) -> None:
         self.times.append(time.perf_counter() - self._start)
+        if self.probe:
+            self.probe.after()
 
 
 def gptft(
@@ -213,6 +252,7 @@ def gptft(
     arch: dict | None = None,
     callbacks: list[L.Callback] = (),
     fast_dropout: bool = True,
+    probe: CeilingProbe | None = None,
 ) -> list[float]:
     """gptft's own path: CausalLM and its data module (the same batches: batch k of the seed's draw) through a
     Lightning Trainer, as `python -m gptft.run` trains. Benchmark 1's model unless `arch` is given (called as
@@ -224,7 +264,7 @@ def gptft(
     quiet_lightning()
     model = fresh_model() if arch is None else fresh_model(arch, fast_dropout)
     task = CausalLM(model, {"lr": 1e-3, "weight_decay": 0.01}, {"name": "constant"}, loss_chunk=loss_chunk)
-    clock = StepTimes()
+    clock = StepTimes(probe)
     with tempfile.TemporaryDirectory() as out:
         trainer = L.Trainer(
             accelerator="cpu",
@@ -245,16 +285,20 @@ def gptft(
     return clock.times
 
 
-def run_variant(name: str, data: list, arch: dict = ARCH) -> list[float]:
+def run_variant(name: str, data: list, arch: dict = ARCH) -> tuple[list[float], list[float]]:
+    """(the variant's step times, the ceiling probed beside each step in its precision)."""
+    probe = CeilingProbe(PRECISION[name])
     if name == "bare fp32 loop":
-        return bare_loop(data, arch)
-    if name == HF:
-        return hf_trainer(data, arch)
-    if name == "gptft fp32, full logits":
-        return gptft(data, "32-true", 0, arch)
-    fast_dropout = not name.endswith(TORCH_DROPOUT)
-    precision = "32-true" if name.startswith("gptft fp32") else "auto"
-    return gptft(data, precision, 512, arch, fast_dropout=fast_dropout)
+        times = bare_loop(data, arch, probe)
+    elif name == HF:
+        times = hf_trainer(data, arch, probe)
+    elif name == "gptft fp32, full logits":
+        times = gptft(data, "32-true", 0, arch, probe=probe)
+    else:
+        fast_dropout = not name.endswith(TORCH_DROPOUT)
+        precision = "32-true" if name.startswith("gptft fp32") else "auto"
+        times = gptft(data, precision, 512, arch, fast_dropout=fast_dropout, probe=probe)
+    return times, probe.rates
 
 
 def peak_memory_mb(loss_chunk: int) -> float:
@@ -287,63 +331,61 @@ print((kb("VmHWM") - base) / 1024)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def ceilings() -> dict[str, float]:
-    """GFLOP/s of the matrix-product ceiling in each precision trained here."""
-    return {"32-true": matmul_gflops(torch.float32), "bf16-mixed": matmul_gflops(torch.bfloat16)}
-
-
 def measure(shape: Shape) -> dict:
-    """Times every variant of `shape` in interleaved repeats, beside the ceilings; prints and returns the table."""
+    """Times every variant of `shape` in interleaved repeats, each step beside its own ceiling probe; prints and
+    returns the table."""
     data = batches(shape.warmup + shape.steps, shape.batch, shape.seq)
-    times: dict[str, list[float]] = {name: [] for name in shape.variants}
-    ceiling_runs: dict[str, list[float]] = {"32-true": [], "bf16-mixed": []}
+    times: dict[str, list[float]] = {name: [] for name in shape.variants}  # each repeat's median step
+    steps: dict[str, list[tuple[float, float]]] = {name: [] for name in shape.variants}  # (step time, its ceiling)
     print(
         f"\n{shape.title}, batch {shape.batch} × {shape.seq}; load average before: {os.getloadavg()[0]:.2f}"
     )
     for repeat in range(shape.repeats):
-        for precision, gflops in ceilings().items():
-            ceiling_runs[precision].append(gflops)
-        print(f"repeat {repeat}: ceiling fp32 {ceiling_runs['32-true'][-1]:.0f}, bf16 "
-              f"{ceiling_runs['bf16-mixed'][-1]:.0f} GFLOP/s", flush=True)  # fmt: skip
         for name in shape.variants:
-            step_times = run_variant(name, data, shape.arch)[shape.warmup :]
-            times[name].append(statistics.median(step_times))
-            print(f"repeat {repeat}: {name:<32} {times[name][-1]:.3f} s/step", flush=True)
+            step_times, rates = run_variant(name, data, shape.arch)
+            steps[name] += list(zip(step_times[shape.warmup :], rates[shape.warmup :], strict=True))
+            times[name].append(statistics.median(step_times[shape.warmup :]))
+            ceiling_now = statistics.median(rates[shape.warmup :])
+            print(f"repeat {repeat}: {name:<32} {times[name][-1]:.3f} s/step (ceiling beside its steps: "
+                  f"{ceiling_now:.0f} GFLOP/s)", flush=True)  # fmt: skip
     medians = {name: statistics.median(v) for name, v in times.items()}
-    ceiling = {p: statistics.median(v) for p, v in ceiling_runs.items()}
+    probed = {p: [c for name in shape.variants if PRECISION[name] == p for _, c in steps[name]] for p in ("32-true", "bf16-mixed")}
     from gptft.models.flops import model_flops_per_token
 
     flops_per_step = model_flops_per_token(fresh_model(shape.arch), shape.seq) * shape.batch * shape.seq
     tokens = shape.batch * shape.seq
+    ranges = "; ".join(f"{'fp32' if p == '32-true' else 'bf16'} {statistics.median(v):.0f} ({min(v):.0f}-{max(v):.0f})"
+                       for p, v in probed.items() if v)  # fmt: skip
     print(
-        f"\n{shape.title}: model FLOPs per step {flops_per_step / 1e9:.1f} G; matrix-product ceiling (median of "
-        f"{shape.repeats}): fp32 {ceiling['32-true']:.0f} GFLOP/s, bf16 {ceiling['bf16-mixed']:.0f} GFLOP/s; "
-        f"{torch.get_num_threads()} threads; load average after: {os.getloadavg()[0]:.2f}"
+        f"\n{shape.title}: model FLOPs per step {flops_per_step / 1e9:.1f} G; matrix-product ceiling beside the "
+        f"steps (GFLOP/s, median and range): {ranges}; {torch.get_num_threads()} threads; load average after: "
+        f"{os.getloadavg()[0]:.2f}"
     )
     base = next((v for v in ("bare fp32 loop", "gptft fp32" + TORCH_DROPOUT) if v in medians), HF)
     print(f"{'variant':<32}{'precision':>11}{'s/step':>8}{'tokens/s':>10}{'GFLOP/s':>9}{'of ceiling':>11}"
-          f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}{'paired vs HF':>20}{'paired of ceiling':>22}")  # fmt: skip
+          f"{'vs ' + base:>{len(base) + 6}}{'vs HF':>8}{'paired vs HF':>20}{'stepwise of ceiling':>24}")  # fmt: skip
     rows = {}
     for name, m in medians.items():
         achieved = flops_per_step / m / 1e9
-        share = achieved / ceiling[PRECISION[name]]
-        # The host's speed drifts between repeats (the same variant ±35%): within a repeat the variants and the
-        # ceiling run minutes apart, so the median of each repeat's own ratios is the steadier figure.
+        ceiling = statistics.median(c for _, c in steps[name])
+        share = achieved / ceiling
+        # The host's speed drifts between repeats (the same variant ±35%): the median of each repeat's own ratio
+        # to the Trainer is the steadier figure; each step's share is of the ceiling probed beside that step.
         vs_hf = [hf / t for hf, t in zip(times[HF], times[name], strict=True)]
-        shares = [flops_per_step / t / 1e9 / c for t, c in zip(times[name], ceiling_runs[PRECISION[name]], strict=True)]
+        shares = [flops_per_step / t / 1e9 / c for t, c in steps[name]]
         rows[name] = {"precision": PRECISION[name], "s_per_step": m, "tokens_per_s": tokens / m, "gflops": achieved,
-                      "share_of_ceiling": share, "vs_base": medians[base] / m, "vs_hf": medians[HF] / m,
-                      "paired_vs_hf": statistics.median(vs_hf), "paired_vs_hf_repeats": vs_hf,
-                      "paired_share_of_ceiling": statistics.median(shares), "paired_share_repeats": shares}  # fmt: skip
+                      "ceiling_gflops": ceiling, "share_of_ceiling": share, "vs_base": medians[base] / m,
+                      "vs_hf": medians[HF] / m, "paired_vs_hf": statistics.median(vs_hf), "paired_vs_hf_repeats": vs_hf,
+                      "stepwise_share_of_ceiling": statistics.median(shares), "steps": steps[name]}  # fmt: skip
         paired = f"{statistics.median(vs_hf):.2f}× ({min(vs_hf):.2f}-{max(vs_hf):.2f})"
-        paired_share = f"{statistics.median(shares):.0%} ({min(shares):.0%}-{max(shares):.0%})"
+        stepwise = f"{statistics.median(shares):.0%} ({min(shares):.0%}-{max(shares):.0%})"
         print(
             f"{name:<32}{PRECISION[name]:>11}{m:>8.3f}{tokens / m:>10.0f}{achieved:>9.0f}{share:>10.0%} "
-            f"{medians[base] / m:>{len(base) + 4}.2f}×{medians[HF] / m:>7.2f}×{paired:>20}{paired_share:>22}"
+            f"{medians[base] / m:>{len(base) + 4}.2f}×{medians[HF] / m:>7.2f}×{paired:>20}{stepwise:>24}"
         )
     return {"title": shape.title, "batch": shape.batch, "seq": shape.seq, "repeats": times, "medians": medians,
-            "ceiling_gflops": ceiling, "ceiling_repeats": ceiling_runs, "flops_per_step": flops_per_step,
-            "threads": torch.get_num_threads(), "baseline": base, "variants": rows}  # fmt: skip
+            "ceilings_probed": probed, "flops_per_step": flops_per_step, "threads": torch.get_num_threads(),
+            "baseline": base, "variants": rows}  # fmt: skip
 
 
 class Profile(L.Callback):
