@@ -178,3 +178,28 @@ def test_causal_attention_probs_and_their_gradient_against_fp64(q_len):
     same_formula = rounded * (kept_grad - (kept_grad * rounded).sum(dim=-1, keepdim=True))
     assert ((grad.double() - same_formula).abs() <= 2 * U * same_formula.abs() + 1e-30).all()
     assert (grad.double() - exact_grad).norm() / exact_grad.norm() <= 2 * U
+
+
+@needs_kernels
+def test_loading_the_kernels_leaves_the_process_floating_point_mode_alone(tmp_path):
+    """The C file is compiled with -ffast-math (glibc's vector exp and tanh need it), but linked without it: gcc 12
+    links crtfastmath.o into a shared library built with it, whose constructor sets flush-to-zero for the whole
+    process at load time. A subnormal float survives the library's load, in a fresh process and cache."""
+    code = (
+        "import torch\n"
+        "from gptft.models import cpu_kernels\n"
+        "assert cpu_kernels.available()\n"
+        "tiny = torch.tensor([1e-40]) * torch.tensor([1.0])\n"
+        "assert tiny.item() != 0.0, 'flush-to-zero is on'\n"
+    )
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+@needs_kernels
+def test_cross_entropy_rows_refuses_targets_outside_the_row():
+    """The kernel indexes each row with its target: an id past the vocabulary is an error, not a read out of bounds."""
+    logits = torch.zeros(3, 10, dtype=torch.bfloat16)
+    with pytest.raises(IndexError, match=r"\[0, 10\)"):
+        cross_entropy_rows(logits, torch.tensor([1, 10, 2]), torch.ones(3), grad=True)

@@ -6,7 +6,7 @@ bf16 on a 2-core AMX Xeon, against 2.3 for its erf GELU); the loss's passes over
 eager operators over 100 MB of fp32 (max, subtract, exp, sum, scale, the one-hot, the bf16 cast: 50-75 ms) where one
 loop over each row in the cache takes 20; and its CPU generator (mt19937) is serial. inductor (`model.compile`) fuses
 the first two only after a compilation per shape (the loss's passes compiled ran no faster: 50 ms) and draws its
-own masks. So: one C file, built with `-O3 -march=native -fopenmp` by `$CC` (default `cc`) into the user's cache
+own masks. So: one C file, built with `-O3 -march=native -ffast-math -fopenmp` by `$CC` (default `cc`) into the user's cache
 (`$XDG_CACHE_HOME/gptft/kernels`, keyed by the source, the compiler and the CPU's flags; atomic, so parallel
 processes may race), loaded with ctypes, run on torch's own OpenMP threads. Where no compiler works, or
 `GPTFT_CPU_KERNELS=0`, `available()` is False and callers keep torch's operators (the masks: the same SplitMix64
@@ -31,7 +31,10 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-shared"]
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]  # compiling: -ffast-math lets gcc call glibc's
+# vector expf/tanhf; linking without it: with it gcc 12 adds crtfastmath.o, whose constructor would turn on
+# flush-to-zero for the whole process when the library loads
+LINK = ["-shared", "-fopenmp"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
     "gelu_tanh_bf16": [_PTR, _PTR, _I64],
@@ -56,19 +59,21 @@ def _cpu_flags() -> str:
 def _build(compiler: str) -> Path:
     """The compiled library's path, building it first if this source, compiler and CPU have none yet."""
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True, timeout=30).stdout
-    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\n".join([SOURCE.read_text(), " ".join(FLAGS + LINK), version, _cpu_flags()]).encode())
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gptft" / "kernels"
     target = cache / f"cpu_kernels-{key.hexdigest()[:16]}.so"
     if not target.exists():
         cache.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=cache, suffix=".so.tmp")
         os.close(fd)
+        obj = tmp + ".o"
         try:
-            subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
-                           check=True, timeout=120)  # fmt: skip
+            for command in ([compiler, *FLAGS, "-c", str(SOURCE), "-o", obj], [compiler, *LINK, obj, "-o", tmp, "-lm"]):
+                subprocess.run(command, capture_output=True, text=True, check=True, timeout=120)
             os.replace(tmp, target)  # atomic: a process racing this one loads a whole file either way
         finally:
             Path(tmp).unlink(missing_ok=True)
+            Path(obj).unlink(missing_ok=True)
     return target
 
 
@@ -115,9 +120,7 @@ class _GELUTanh(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         (x,) = ctx.saved_tensors
-        grad = grad.contiguous()
-        if grad.dtype != torch.bfloat16:
-            return torch.ops.aten.gelu_backward(grad, x, approximate="tanh")
+        grad = grad.to(torch.bfloat16).contiguous()  # autograd would cast the input's gradient to bf16 anyway
         dx = torch.empty_like(x)
         _library().gelu_tanh_backward_bf16(grad.data_ptr(), x.data_ptr(), dx.data_ptr(), x.numel())
         return dx
@@ -144,7 +147,9 @@ def cross_entropy_rows(
     target's logit, in fp32. With `grad` the logits are overwritten, in bf16, with weights · (softmax - one_hot): the
     gradient of Σ weights · loss. Callers check `applies_to(logits)` first."""
     rows, cols = logits.shape
-    targets, weights = targets.contiguous(), weights.to(torch.float32).contiguous()
+    targets, weights = targets.to(torch.int64).contiguous(), weights.to(torch.float32).contiguous()
+    if rows and not 0 <= int(targets.min()) <= int(targets.max()) < cols:  # the kernel indexes the rows with them
+        raise IndexError(f"cross_entropy_rows: targets must lie in [0, {cols}), got {targets.min()}..{targets.max()}")
     lse, target_logit = torch.empty(rows), torch.empty(rows)
     _library().cross_entropy_bf16(logits.data_ptr(), rows, cols, targets.data_ptr(), weights.data_ptr(),
                                   lse.data_ptr(), target_logit.data_ptr(), int(grad))  # fmt: skip
