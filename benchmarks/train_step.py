@@ -349,7 +349,8 @@ def measure(shape: Shape) -> dict:
             print(f"repeat {repeat}: {name:<32} {times[name][-1]:.3f} s/step (ceiling beside its steps: "
                   f"{ceiling_now:.0f} GFLOP/s)", flush=True)  # fmt: skip
     medians = {name: statistics.median(v) for name, v in times.items()}
-    probed = {p: [c for name in shape.variants if PRECISION[name] == p for _, c in steps[name]] for p in ("32-true", "bf16-mixed")}
+    probed = {p: [c for name in shape.variants if PRECISION[name] == p for _, c in steps[name]]
+              for p in ("32-true", "bf16-mixed")}  # fmt: skip
     from gptft.models.flops import model_flops_per_token
 
     flops_per_step = model_flops_per_token(fresh_model(shape.arch), shape.seq) * shape.batch * shape.seq

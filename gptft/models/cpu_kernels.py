@@ -1,16 +1,18 @@
 """Fused CPU kernels for the bf16 training step: tanh-GELU and its gradient, the chunked loss's passes over the logits,
-and dropout's keep masks (`cpu_kernels.c`, compiled here once per machine with the system's C compiler).
+causal attention's softmax with dropout's mask and its gradient, and dropout's keep masks (`cpu_kernels.c`, compiled
+here once per machine with the system's C compiler).
 
-What torch lacks: its tanh-GELU kernel computes tanh with Sleef (11 ms for GPT-2 124M's 8 × 256 × 3072 activations in
-bf16 on a 2-core AMX Xeon, against 2.3 for its erf GELU); the loss's passes over a 512 × 50,257 chunk are seven
-eager operators over 100 MB of fp32 (max, subtract, exp, sum, scale, the one-hot, the bf16 cast: 50-75 ms) where one
-loop over each row in the cache takes 20; and its CPU generator (mt19937) is serial. inductor (`model.compile`) fuses
-the first two only after a compilation per shape (the loss's passes compiled ran no faster: 50 ms) and draws its
-own masks. So: one C file, built with `-O3 -march=native -ffast-math -fopenmp` by `$CC` (default `cc`) into the user's cache
-(`$XDG_CACHE_HOME/gptft/kernels`, keyed by the source, the compiler and the CPU's flags; atomic, so parallel
-processes may race), loaded with ctypes, run on torch's own OpenMP threads. Where no compiler works, or
-`GPTFT_CPU_KERNELS=0`, `available()` is False and callers keep torch's operators (the masks: the same SplitMix64
-stream computed with torch's integer operators, so a seed gives the same masks either way).
+What torch lacks: its tanh-GELU kernel computes tanh with Sleef (10-11 ms for GPT-2 124M's 8 × 256 × 3072 bf16
+activations on a 2-core AMX Xeon, against 2.3 for its erf GELU); the loss's passes over a 512 × 50,257 chunk are
+seven eager operators over 100 MB of fp32 (max, subtract, exp, sum, scale, the one-hot, the bf16 cast: 43-75 ms)
+where one loop over each row in the cache takes 19-21; attention's softmax under autocast casts to fp32 and back
+around it; and its CPU generator (mt19937) is serial. inductor (`model.compile`) fuses such passes only after a
+compilation per shape (the loss's passes compiled ran no faster: 51-67 ms) and draws its own masks. So: one C file,
+built with `-O3 -march=native -ffast-math -fopenmp` by `$CC` (default `cc`) into the user's cache
+(`$XDG_CACHE_HOME/gptft/kernels`, keyed by the source, the flags, the compiler and the CPU's flags; written through
+a rename, so parallel processes may race), loaded with ctypes, run on torch's own OpenMP threads. Where no compiler
+works, or `GPTFT_CPU_KERNELS=0`, `available()` is False and callers keep torch's operators (the masks: the same
+SplitMix64 stream computed with torch's integer operators, so a seed gives the same masks either way).
 """
 
 from __future__ import annotations
@@ -87,9 +89,10 @@ def _library() -> Any:
         # torch is imported first, so the library's libgomp.so.1 is torch's: one OpenMP pool, torch's thread count
         lib = ctypes.CDLL(str(_build(compiler)))
     except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", None) or e
+        detail = str(getattr(e, "stderr", None) or e).strip()
+        why = detail.splitlines()[-1] if detail else repr(e)
         log.warning("gptft's CPU kernels are off (%s could not build %s: %s): torch's operators run instead",
-                    compiler, SOURCE.name, str(detail).strip().splitlines()[-1] if str(detail).strip() else e)  # fmt: skip
+                    compiler, SOURCE.name, why)  # fmt: skip
         return None
     for name, argtypes in _SIGNATURES.items():
         getattr(lib, name).argtypes, getattr(lib, name).restype = argtypes, None
@@ -180,7 +183,8 @@ class _AttentionProbs(torch.autograd.Function):
 def causal_attention_probs(scores: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """softmax(scores + the causal mask) · keep for contiguous bf16 CPU scores (..., q_len, kv_len), where query i
     sees the keys up to i + kv_len - q_len, and a uint8 keep mask of their shape: the weights of causal attention
-    with dropout's mask applied (its scale is the caller's), in one pass each way. Callers check `applies_to(scores)`."""
+    with dropout's mask applied (its scale is the caller's), in one pass each way. Callers check
+    `applies_to(scores)`."""
     return _AttentionProbs.apply(scores, keep.contiguous())
 
 
@@ -207,7 +211,9 @@ def splitmix64(key: int, words: int, device: torch.device | str = "cpu") -> torc
     return z ^ _shift_right(z, 31)
 
 
-def keep_mask(shape: torch.Size | tuple[int, ...], threshold: int, key: int, device: torch.device | str) -> torch.Tensor:
+def keep_mask(
+    shape: torch.Size | tuple[int, ...], threshold: int, key: int, device: torch.device | str
+) -> torch.Tensor:
     """uint8 1 where the element's signed 16-bit lane of the SplitMix64 stream keyed by `key` is ≥ threshold, else 0:
     four lanes per 64-bit number, in order. From the C kernel on a CPU where it is available, else from `splitmix64`
     (the same bits)."""
