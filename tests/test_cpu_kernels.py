@@ -178,6 +178,8 @@ def test_causal_attention_probs_and_their_gradient_against_fp64(q_len):
     same_formula = rounded * (kept_grad - (kept_grad * rounded).sum(dim=-1, keepdim=True))
     assert ((grad.double() - same_formula).abs() <= 2 * U * same_formula.abs() + 1e-30).all()
     assert (grad.double() - exact_grad).norm() / exact_grad.norm() <= 2 * U
+    with pytest.raises(ValueError, match="uint8 of the scores' shape"):  # the kernel walks the mask with the scores
+        cpu_kernels.causal_attention_probs(scores, keep[..., :-1])
 
 
 @needs_kernels

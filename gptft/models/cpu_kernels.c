@@ -1,8 +1,10 @@
-/* Fused CPU kernels for gptft's bf16 training step (compiled and loaded by cpu_kernels.py).
+/* Fused CPU kernels for gptft's training step (compiled and loaded by cpu_kernels.py): bf16 GELU, loss and attention
+   passes, and dropout's masks in any precision.
 
 Each replaces several passes of torch's eager operators over a large tensor with one loop that keeps its data in
-the core's cache, and computes in fp32 exactly the formula the torch code it replaces computes. bf16 values are
-held as uint16_t (their bit patterns); loops run on torch's own OpenMP threads (torch's libgomp is the process's). */
+the core's cache, and computes in fp32 the formula the torch code it replaces computes (-ffast-math may reorder its
+sums; the tests hold each result to fp64). bf16 values are held as uint16_t (their bit patterns); loops run on
+torch's own OpenMP threads (torch's libgomp is the process's). */
 
 #include <math.h>
 #include <stdint.h>

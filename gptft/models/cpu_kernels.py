@@ -33,9 +33,9 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]  # compiling: -ffast-math lets gcc call glibc's
-# vector expf/tanhf; linking without it: with it gcc 12 adds crtfastmath.o, whose constructor would turn on
-# flush-to-zero for the whole process when the library loads
+# Compiled with -ffast-math, which lets gcc call glibc's vector expf and tanhf; linked without it, since with it gcc 12
+# adds crtfastmath.o, whose constructor would turn on flush-to-zero for the whole process when the library loads.
+FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC"]
 LINK = ["-shared", "-fopenmp"]
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 _SIGNATURES = {
@@ -185,6 +185,8 @@ def causal_attention_probs(scores: torch.Tensor, keep: torch.Tensor) -> torch.Te
     sees the keys up to i + kv_len - q_len, and a uint8 keep mask of their shape: the weights of causal attention
     with dropout's mask applied (its scale is the caller's), in one pass each way. Callers check
     `applies_to(scores)`."""
+    if keep.shape != scores.shape or keep.dtype != torch.uint8:
+        raise ValueError(f"causal_attention_probs: keep must be uint8 of the scores' shape {tuple(scores.shape)}")
     return _AttentionProbs.apply(scores, keep.contiguous())
 
 
