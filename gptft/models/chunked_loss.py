@@ -74,7 +74,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             hidden_chunk, y = hidden[start : start + chunk], labels[start : start + chunk]
             h = hidden_chunk.to(matmul_dtype)
             valid = valid_all[start : start + chunk].float()  # 1 for a labelled row, 0 for an ignored one
-            rows, target_ids = torch.arange(len(y), device=y.device), y.clamp(min=0)
+            target_ids = y.clamp(min=0)
             if fused:
                 # d (summed loss) / d logits = softmax - one_hot, written over the logits in bf16
                 grad = grad_low = torch.mm(h, w.t(), out=low[: len(y)])
@@ -88,6 +88,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                     torch.mm(h, w.t(), out=logits)
                 else:
                     logits.copy_(torch.mm(h, w.t(), out=low[: len(y)]))
+                rows = torch.arange(len(y), device=y.device)
                 target = logits[rows, target_ids]
                 row_max = logits.amax(dim=-1, keepdim=True)
                 exp = logits.sub_(row_max).exp_()  # softmax numerators, in place

@@ -3,9 +3,9 @@ causal attention's softmax with dropout's mask and its gradient, and dropout's k
 here once per machine with the system's C compiler).
 
 What torch lacks: its tanh-GELU kernel computes tanh with Sleef (10-11 ms for GPT-2 124M's 8 × 256 × 3072 bf16
-activations on a 2-core AMX Xeon, against 2.3 for its erf GELU); the loss's passes over a 512 × 50,257 chunk are
+activations on a 2-core AMX Xeon, against 2.3-2.5 for its erf GELU); the loss's passes over a 512 × 50,257 chunk are
 seven eager operators over 100 MB of fp32 (max, subtract, exp, sum, scale, the one-hot, the bf16 cast: 43-75 ms)
-where one loop over each row in the cache takes 19-21; attention's softmax under autocast casts to fp32 and back
+where one loop over each row in the cache takes 19-26; attention's softmax under autocast casts to fp32 and back
 around it; and its CPU generator (mt19937) is serial. inductor (`model.compile`) fuses such passes only after a
 compilation per shape (the loss's passes compiled ran no faster: 51-67 ms) and draws its own masks. So: one C file,
 built with `-O3 -march=native -ffast-math -fopenmp` by `$CC` (default `cc`) into the user's cache

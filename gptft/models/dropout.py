@@ -95,7 +95,7 @@ def attention(
 ) -> tuple[torch.Tensor, None]:
     """transformers' SDPA attention, except with dropout on a CPU: there torch's SDPA has no fused kernel and falls
     back to its math path in fp32 (q, k, v and the T × T weights cast up, torch's serial dropout), so this runs the
-    eager computation instead, its products in the autocast dtype and its weights' dropout from `drop_mask`."""
+    eager computation instead, its products in the autocast dtype and its weights' dropout from `keep_mask`."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     simple = not any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "sinks", "s_aux"))
@@ -105,23 +105,25 @@ def attention(
                                       **kwargs)  # fmt: skip
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
     scores = torch.matmul(query * scale, key.transpose(-1, -2))
-    q_len, kv_len = scores.shape[-2:]
+    keep = keep_mask(scores.shape, dropout, scores.device)
     if attention_mask is None and getattr(module, "is_causal", True) and cpu_kernels.applies_to(scores):
         # bf16 on a CPU: the causal mask, the softmax and dropout's mask in one fused pass each way
-        weights = cpu_kernels.causal_attention_probs(scores, keep_mask(scores.shape, dropout, scores.device))
-        return torch.matmul(weights, value * kept_scale(dropout)).transpose(1, 2), None
-    if attention_mask is None and q_len > 1 and getattr(module, "is_causal", True):
-        # SDPA's mask is None where is_causal alone says it: the last q_len of kv_len positions see their past
-        attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:  # SDPA's convention: True where attention is allowed
-            bias = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device)
-            attention_mask = bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
-        # added in place to a product's output (which its backward does not need): no pass over it in backward
-        scores.add_(attention_mask.to(scores.dtype))
-    # in the products' dtype, as transformers' eager attention under autocast (torch computes it in fp32 inside);
-    # dropout multiplies by the uint8 mask, its scale goes on v (T × 64 numbers, not T × T)
-    weights = torch.softmax(scores, dim=-1).to(value.dtype) * keep_mask(scores.shape, dropout, scores.device)
+        weights = cpu_kernels.causal_attention_probs(scores, keep)
+    else:
+        q_len, kv_len = scores.shape[-2:]
+        if attention_mask is None and q_len > 1 and getattr(module, "is_causal", True):
+            # SDPA's mask is None where is_causal alone says it: the last q_len of kv_len positions see their past
+            attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=scores.device).tril(kv_len - q_len)
+        if attention_mask is not None:
+            if attention_mask.dtype == torch.bool:  # SDPA's convention: True where attention is allowed
+                bias = torch.zeros(attention_mask.shape, dtype=scores.dtype, device=scores.device)
+                attention_mask = bias.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+            # added in place to a product's output (which its backward does not need): no pass over it in backward
+            scores.add_(attention_mask.to(scores.dtype))
+        # in the products' dtype, as transformers' eager attention under autocast (torch computes it in fp32
+        # inside); dropout multiplies by the uint8 mask
+        weights = torch.softmax(scores, dim=-1).to(value.dtype) * keep
+    # dropout's scale goes on v (T × 64 numbers, not T × T)
     return torch.matmul(weights, value * kept_scale(dropout)).transpose(1, 2), None
 
 
